@@ -1,0 +1,146 @@
+"""privrec.models, privrec.train and privrec.metrics: behaviour and ValueError paths."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from privrec.data import leave_last_out_split, random_split, synthetic_movielens
+from privrec.metrics import evaluate_ratings, mae, ranking_metrics, rmse
+from privrec.models import BiasedMF
+from privrec.train import (
+    fit_bias_baseline,
+    fit_explicit,
+    fit_implicit,
+    global_mean_model,
+    popularity_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def syn():
+    ml = synthetic_movielens(n_users=80, n_items=60, n_ratings=2400, seed=0)
+    train, test = random_split(ml.ratings, seed=0)
+    return ml, train, test
+
+
+def test_model_parameter_groups_and_prediction():
+    m = BiasedMF(5, 7, 3, global_mean=3.5, seed=0)
+    assert [p.shape for p in m.user_parameters()] == [(5, 3), (5,)]
+    assert [p.shape for p in m.shared_parameters()] == [(7, 3), (7,), ()]
+    users, items = torch.tensor([0, 4]), torch.tensor([6, 0])
+    expected = 3.5 + (m.user_factors[users] * m.item_factors[items]).sum(1)
+    assert torch.allclose(m(users, items), expected)
+    assert torch.allclose(m.score_all()[users, items], expected)
+    assert BiasedMF(5, 7, 0).score_all().shape == (5, 7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_users": 0}, "n_users"), ({"n_items": -1}, "n_items"), ({"dim": -2}, "dim"),
+    ({"global_mean": float("nan")}, "global_mean"), ({"init_std": -1.0}, "init_std"),
+])
+def test_model_rejects_bad_sizes(kwargs, match):
+    args = {"n_users": 3, "n_items": 3, "dim": 2} | kwargs
+    with pytest.raises(ValueError, match=match):
+        BiasedMF(args.pop("n_users"), args.pop("n_items"), args.pop("dim"), **args)
+
+
+def test_model_rejects_bad_ids():
+    m = BiasedMF(3, 4, 2)
+    with pytest.raises(ValueError, match=r"users ids must lie in \[0, 3\)"):
+        m(torch.tensor([3]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="items must hold integer ids"):
+        m(torch.tensor([0]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="same length"):
+        m(torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="1-D"):
+        m(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_metrics_values_and_errors():
+    assert rmse([1.0, 3.0], [2.0, 5.0]) == pytest.approx(math.sqrt(2.5))
+    assert mae(np.array([1.0, 3.0]), torch.tensor([2.0, 5.0])) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="same length"):
+        rmse([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="predictions contains NaN"):
+        rmse([float("nan")], [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        mae([], [])
+
+
+def test_ranking_metrics_by_hand():
+    train = pd.DataFrame({"user": [0, 1], "item": [0, 0], "rating": [5.0, 5.0]})
+    test = pd.DataFrame({"user": [0, 1], "item": [1, 3], "rating": [5.0, 5.0]})
+    scores = torch.tensor([[9.0, 8.0, 7.0, 1.0], [9.0, 1.0, 2.0, 3.0]])
+    # User 0: item 0 is masked, item 1 ranks first. User 1: item 3 ranks first among 1..3.
+    assert ranking_metrics(scores, train, test, k=1) == {"hr": 1.0, "ndcg": 1.0}
+    scores[1, 3] = 0.0  # now last of three candidates: rank 2 (0-based)
+    out = ranking_metrics(scores, train, test, k=3)
+    assert out["hr"] == 1.0 and out["ndcg"] == pytest.approx((1 + 1 / math.log2(4)) / 2)
+    assert ranking_metrics(scores, train, test, k=2)["hr"] == 0.5
+    # Ties count against the item: a constant scorer earns nothing at k=1.
+    assert ranking_metrics(torch.ones(2, 4), train, test, k=1)["hr"] == 0.0
+    with pytest.raises(ValueError, match="k must be"):
+        ranking_metrics(scores, train, test, k=0)
+    with pytest.raises(ValueError, match="also in train"):
+        ranking_metrics(scores, train, train)
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        ranking_metrics(torch.full((2, 4), float("nan")), train, test)
+
+
+def test_training_beats_baselines_on_synthetic(syn):
+    ml, train, test = syn
+    kw = {"n_users": ml.n_users, "n_items": ml.n_items}
+    mean_rmse = evaluate_ratings(global_mean_model(train, **kw), test)["rmse"]
+    bias_rmse = evaluate_ratings(fit_bias_baseline(train, **kw), test)["rmse"]
+    model = BiasedMF(ml.n_users, ml.n_items, 4, global_mean=float(train["rating"].mean()), seed=0)
+    history = fit_explicit(model, train, epochs=40, batch_size=128, reg=0.02, validation=test,
+                           progress=False)
+    assert len(history.train_loss) == 40 and len(history.val_rmse) == 40
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.val_rmse[-1] < bias_rmse < mean_rmse
+
+
+def test_training_is_seeded(syn):
+    ml, train, _ = syn
+
+    def run():
+        m = BiasedMF(ml.n_users, ml.n_items, 4, seed=1)
+        fit_explicit(m, train, epochs=2, seed=5, progress=False)
+        return m.item_factors.detach().clone()
+
+    assert torch.equal(run(), run())
+
+
+def test_implicit_training_beats_popularity_on_synthetic():
+    ml = synthetic_movielens(n_users=100, n_items=60, n_ratings=2500, seed=2)
+    train, test = leave_last_out_split(ml.ratings)
+    kw = {"n_users": ml.n_users, "n_items": ml.n_items}
+    model = BiasedMF(ml.n_users, ml.n_items, 8, seed=0)
+    fit_implicit(model, train, epochs=30, batch_size=256, progress=False)
+    pop = ranking_metrics(popularity_scores(train, **kw), train, test, k=10)
+    with torch.no_grad():
+        ours = ranking_metrics(model.score_all(), train, test, k=10)
+    assert 0.0 <= pop["hr"] <= 1.0 and 0.0 <= ours["ndcg"] <= ours["hr"] <= 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"epochs": 0}, "epochs"), ({"lr": -0.1}, "lr"), ({"lr": float("nan")}, "lr"),
+    ({"batch_size": 0}, "batch_size"), ({"reg": -1.0}, "reg"),
+])
+def test_fit_explicit_rejects_bad_hyperparameters(syn, kwargs, match):
+    ml, train, _ = syn
+    with pytest.raises(ValueError, match=match):
+        fit_explicit(BiasedMF(ml.n_users, ml.n_items, 2), train, **kwargs)
+
+
+def test_fit_rejects_mismatched_data(syn):
+    ml, train, _ = syn
+    with pytest.raises(ValueError, match="train\\['item'\\] has id"):
+        fit_explicit(BiasedMF(ml.n_users, 5, 2), train)
+    with pytest.raises(TypeError, match="model must be a BiasedMF"):
+        fit_explicit(torch.nn.Linear(2, 2), train)
+    with pytest.raises(ValueError, match="n_negatives"):
+        fit_implicit(BiasedMF(ml.n_users, ml.n_items, 2), train, n_negatives=0)
