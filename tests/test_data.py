@@ -60,6 +60,26 @@ def test_missing_sources_explain_how_to_get_data(tmp_path, monkeypatch):
         load_movielens100k(cache_dir=tmp_path)
 
 
+def test_download_rejects_a_corrupt_archive(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "_recbole_dir", lambda: None)
+
+    class FakeResponse:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return b"not the real archive"
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
+    with pytest.raises(OSError, match="expected 0e33842e"):
+        load_movielens100k(download=True, cache_dir=tmp_path)
+    assert not (tmp_path / "ml-100k.zip").exists()
+
+
 def test_random_split_is_seeded_and_disjoint(ml):
     train, test = random_split(ml.ratings, seed=3)
     assert len(test) == 20_000 and len(train) == 80_000

@@ -114,16 +114,20 @@ def test_training_is_seeded(syn):
     assert torch.equal(run(), run())
 
 
-def test_implicit_training_beats_popularity_on_synthetic():
-    ml = synthetic_movielens(n_users=100, n_items=60, n_ratings=2500, seed=2)
-    train, test = leave_last_out_split(ml.ratings)
-    kw = {"n_users": ml.n_users, "n_items": ml.n_items}
-    model = BiasedMF(ml.n_users, ml.n_items, 8, seed=0)
-    fit_implicit(model, train, epochs=30, batch_size=256, progress=False)
-    pop = ranking_metrics(popularity_scores(train, **kw), train, test, k=10)
+def test_implicit_training_learns_to_rank():
+    # Four taste groups, each rating only its own quarter of the catalogue: popularity cannot tell
+    # them apart, an implicit MF model must.
+    rng = np.random.default_rng(0)
+    rows = [(u, i) for u in range(80) for i in rng.choice(np.arange(10) + 10 * (u % 4), 7, replace=False)]
+    ratings = pd.DataFrame({"user": [u for u, _ in rows], "item": [i for _, i in rows],
+                            "rating": 5.0, "timestamp": np.arange(len(rows))})
+    train, test = leave_last_out_split(ratings)
+    model = BiasedMF(80, 40, 4, seed=0)
+    fit_implicit(model, train, epochs=60, batch_size=64, lr=0.05, progress=False)
+    pop = ranking_metrics(popularity_scores(train, n_users=80, n_items=40), train, test, k=5)
     with torch.no_grad():
-        ours = ranking_metrics(model.score_all(), train, test, k=10)
-    assert 0.0 <= pop["hr"] <= 1.0 and 0.0 <= ours["ndcg"] <= ours["hr"] <= 1.0
+        ours = ranking_metrics(model.score_all(), train, test, k=5)
+    assert ours["hr"] > 0.9 > pop["hr"] + 0.5 and ours["ndcg"] <= ours["hr"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
