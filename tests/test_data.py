@@ -87,7 +87,7 @@ def test_random_split_is_seeded_and_disjoint(ml):
     pd.testing.assert_frame_equal(train, again)
     other, _ = random_split(ml.ratings, seed=4)
     assert not train.equals(other)
-    key = lambda df: set(zip(df["user"], df["item"]))  # noqa: E731
+    key = lambda df: set(zip(df["user"], df["item"], strict=True))  # noqa: E731
     assert not key(train) & key(test)
 
 
