@@ -1,0 +1,201 @@
+"""A self-contained privacy-utility explorer for the static web page (no kernel, no internet).
+
+:func:`explorer_html` turns a precomputed grid of results into one HTML fragment: the grid as
+JSON, a few ``<input type="range">`` controls and about a hundred lines of plain JavaScript that
+draw an SVG chart. Nothing is loaded from anywhere, so the explorer works in the published book
+offline, in a notebook, and in a file opened from disk. ipywidgets cannot do this on their own: in
+a static page they show their saved state but cannot recompute.
+
+The chart plots a metric against :math:`\\varepsilon` (log scale, with the non-private result at
+the right edge) with one line per value of the *series* control; the selected line is drawn
+bold, the selected point is marked, and a read-out prints the selected configuration's numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+
+__all__ = ["explorer_html"]
+
+_SCRIPT = r"""
+(function () {
+  const root = document.getElementById(ROOT_ID);
+  const spec = JSON.parse(root.querySelector('script[type="application/json"]').textContent);
+  const controls = {};
+  for (const el of root.querySelectorAll('input[type="range"]')) controls[el.name] = el;
+  const metricSelect = root.querySelector('select[name="metric"]');
+  const svg = root.querySelector('svg');
+  const readout = root.querySelector('.privrec-readout');
+  const W = 560, H = 300, L = 60, R = 16, T = 14, B = 40;
+  const NS = 'http://www.w3.org/2000/svg';
+  function value(name) { return spec.values[name][Number(controls[name].value)]; }
+  function label(v) { return v === null ? '\u221e' : String(v); }
+  function el(tag, attrs, text) {
+    const e = document.createElementNS(NS, tag);
+    for (const k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    svg.appendChild(e); return e;
+  }
+  function matches(rec, fixed) {
+    for (const k in fixed) if (rec[k] !== fixed[k]) return false;
+    return true;
+  }
+  function draw() {
+    const metric = metricSelect.value;
+    const eps = value('epsilon');
+    const series = spec.series ? value(spec.series) : null;
+    const fixed = {};
+    for (const name of spec.fixed) fixed[name] = value(name);
+    for (const name in controls) {
+      const out = root.querySelector('output[name="' + name + '"]');
+      if (out) out.textContent = label(value(name));
+    }
+    while (svg.firstChild) svg.removeChild(svg.firstChild);
+    const finite = spec.values.epsilon.filter(e => e !== null);
+    const lo = Math.log(Math.min(...finite)), hi = Math.log(Math.max(...finite));
+    const xOf = e => L + (W - L - R) * (e === null ? 1 : 0.9 * (Math.log(e) - lo) / (hi - lo || 1));
+    const ys = spec.records.filter(r => matches(r, fixed)).map(r => r[metric]);
+    for (const ref of spec.references) if (ref[metric] !== undefined) ys.push(ref[metric]);
+    let y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const pad = (y1 - y0) * 0.08 || 0.01; y0 -= pad; y1 += pad;
+    const yOf = v => T + (H - T - B) * (1 - (v - y0) / (y1 - y0));
+    el('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#444'});
+    el('line', {x1: L, y1: T, x2: L, y2: H - B, stroke: '#444'});
+    for (const e of spec.values.epsilon) {
+      el('text', {x: xOf(e), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11}, label(e));
+    }
+    el('text', {x: (L + W - R) / 2, y: H - 6, 'text-anchor': 'middle', 'font-size': 12}, '\u03b5');
+    for (let k = 0; k <= 4; k++) {
+      const v = y0 + (y1 - y0) * k / 4;
+      el('text', {x: L - 6, y: yOf(v) + 4, 'text-anchor': 'end', 'font-size': 11}, v.toFixed(3));
+      el('line', {x1: L, y1: yOf(v), x2: W - R, y2: yOf(v), stroke: '#eee'});
+    }
+    el('text', {x: 14, y: (T + H - B) / 2, 'font-size': 12, 'text-anchor': 'middle',
+                transform: 'rotate(-90 14 ' + (T + H - B) / 2 + ')'}, spec.metricLabels[metric]);
+    for (const ref of spec.references) {
+      if (ref[metric] === undefined) continue;
+      el('line', {x1: L, y1: yOf(ref[metric]), x2: W - R, y2: yOf(ref[metric]),
+                  stroke: '#888', 'stroke-dasharray': '5,4'});
+      el('text', {x: W - R - 4, y: yOf(ref[metric]) - 4, 'text-anchor': 'end', 'font-size': 10,
+                  fill: '#666'}, ref.label);
+    }
+    const seriesValues = spec.series ? spec.values[spec.series] : [null];
+    for (const s of seriesValues) {
+      const pts = spec.values.epsilon.map(e => {
+        const want = Object.assign({}, fixed, {epsilon: e});
+        if (spec.series) want[spec.series] = s;
+        const rec = spec.records.find(r => matches(r, want));
+        return rec ? [xOf(e), yOf(rec[metric])] : null;
+      }).filter(p => p !== null);
+      const selected = s === series;
+      el('polyline', {points: pts.map(p => p.join(',')).join(' '), fill: 'none',
+                      stroke: selected ? '#1f77b4' : '#bbb', 'stroke-width': selected ? 3 : 1.2});
+    }
+    const want = Object.assign({}, fixed, {epsilon: eps});
+    if (spec.series) want[spec.series] = series;
+    const rec = spec.records.find(r => matches(r, want));
+    if (rec) {
+      el('circle', {cx: xOf(eps), cy: yOf(rec[metric]), r: 6, fill: '#d62728',
+                    class: 'privrec-point'});
+      readout.textContent = spec.readout.map(
+        k => spec.metricLabels[k] + ' ' + Number(rec[k]).toFixed(4)).join('   ') +
+        (rec.note ? '   ' + rec.note : '');
+    } else {
+      readout.textContent = 'no result for this configuration';
+    }
+    root.dataset.selected = JSON.stringify(rec || null);
+  }
+  for (const name in controls) controls[name].addEventListener('input', draw);
+  metricSelect.addEventListener('change', draw);
+  draw();
+})();
+"""
+
+
+def _finite_json(value: object) -> object:
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return value
+
+
+def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence[str],
+                  metrics: Mapping[str, str], series: str | None = None,
+                  references: Sequence[Mapping[str, object]] = (),
+                  control_labels: Mapping[str, str] | None = None,
+                  initial: Mapping[str, object] | None = None, title: str = "") -> str:
+    """HTML for an offline explorer of ``records`` (one dict per configuration).
+
+    Parameters
+    ----------
+    records:
+        Each has a value for every name in ``controls`` (``epsilon`` first; ``math.inf`` means
+        non-private) and a number for every key of ``metrics``; an optional ``note`` string is
+        shown in the read-out.
+    controls:
+        Names of the configuration fields that get a slider; must start with ``"epsilon"``.
+    metrics:
+        Metric key -> axis label, e.g. ``{"rmse": "test RMSE", "ndcg": "NDCG@10"}``.
+    series:
+        The control whose values are drawn as separate lines (e.g. clients per round).
+    references:
+        Horizontal reference lines: dicts with a ``label`` and a value per metric.
+    control_labels, initial, title:
+        Display labels, initial slider values, and a heading.
+    """
+    if not records:
+        raise ValueError("records must not be empty")
+    controls = list(controls)
+    if not controls or controls[0] != "epsilon":
+        raise ValueError("controls must start with 'epsilon'")
+    if series is not None and series not in controls:
+        raise ValueError(f"series={series!r} must be one of controls {controls}")
+    if not metrics:
+        raise ValueError("metrics must name at least one metric")
+    for k, rec in enumerate(records):
+        missing = [c for c in (*controls, *metrics) if c not in rec]
+        if missing:
+            raise ValueError(f"records[{k}] lacks {missing}")
+    labels = {c: c for c in controls} | dict(control_labels or {})
+    values = {}
+    for c in controls:
+        distinct = sorted({rec[c] for rec in records}, key=lambda v: (v is None, v))
+        values[c] = [_finite_json(v) for v in distinct]
+    start = dict(initial or {})
+    spec = {
+        "records": [{k: _finite_json(v) for k, v in rec.items()} for rec in records],
+        "values": values,
+        "series": series,
+        "fixed": [c for c in controls if c not in ("epsilon", series)],
+        "metricLabels": dict(metrics),
+        "readout": list(metrics),
+        "references": [dict(r) for r in references],
+    }
+    root_id = f"privrec-explorer-{uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(spec, sort_keys=True)).hex[:12]}"
+    sliders = []
+    for c in controls:
+        options = values[c]
+        want = _finite_json(start.get(c, records[0][c]))
+        index = options.index(want) if want in options else 0
+        sliders.append(
+            f'<label style="display:inline-block;margin-right:1.5em">{html.escape(labels[c])} '
+            f'<input type="range" name="{html.escape(c)}" min="0" max="{len(options) - 1}" '
+            f'step="1" value="{index}"> <output name="{html.escape(c)}"></output></label>')
+    metric_options = "".join(f'<option value="{html.escape(k)}">{html.escape(v)}</option>'
+                             for k, v in metrics.items())
+    payload = json.dumps(spec).replace("</", "<\\/")
+    script = _SCRIPT.replace("ROOT_ID", json.dumps(root_id))
+    return (
+        f'<div id="{root_id}" class="privrec-explorer" style="font-family:sans-serif;'
+        f'font-size:13px;max-width:600px">'
+        + (f"<strong>{html.escape(title)}</strong><br>" if title else "")
+        + "".join(sliders)
+        + f'<label>metric <select name="metric">{metric_options}</select></label>'
+        + '<svg width="560" height="300" role="img" aria-label="privacy-utility chart"></svg>'
+        + '<div class="privrec-readout" style="font-family:monospace"></div>'
+        + f'<script type="application/json">{payload}</script>'
+        + f"<script>{script}</script></div>"
+    )

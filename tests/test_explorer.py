@@ -1,0 +1,88 @@
+"""privrec.explorer: the static explorer's HTML, and (in headless Chromium, offline) that moving
+its controls changes what it plots."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from privrec.explorer import explorer_html
+
+EPS = (1.0, 4.0, math.inf)
+CLIENTS = (10, 100)
+
+
+def _records():
+    noise = {e: 0.0 if e == math.inf else 0.1 / e for e in EPS}
+    return [{"epsilon": e, "clients": m, "rmse": round(0.9 + noise[e] - 0.001 * m, 4),
+             "ndcg": round(0.05 - noise[e] / 10, 4)}
+            for e in EPS for m in CLIENTS]
+
+
+def _page():
+    body = explorer_html(_records(), controls=["epsilon", "clients"], series="clients",
+                         metrics={"rmse": "test RMSE", "ndcg": "NDCG@10"},
+                         references=[{"label": "biases", "rmse": 0.95}],
+                         initial={"epsilon": 1.0, "clients": 10}, title="demo")
+    return f"<!doctype html><html><body>{body}</body></html>"
+
+
+def test_html_is_self_contained():
+    page = _page()
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page and "<script src" not in page
+    spec = page.split('<script type="application/json">')[1].split("</script>")[0]
+    assert json.loads(spec)["values"]["epsilon"] == [1.0, 4.0, None]
+
+
+def test_bad_specs_are_rejected():
+    with pytest.raises(ValueError, match="records"):
+        explorer_html([], controls=["epsilon"], metrics={"rmse": "RMSE"})
+    with pytest.raises(ValueError, match="start with 'epsilon'"):
+        explorer_html(_records(), controls=["clients"], metrics={"rmse": "RMSE"})
+    with pytest.raises(ValueError, match="lacks"):
+        explorer_html(_records(), controls=["epsilon", "missing"], metrics={"rmse": "RMSE"})
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_moving_the_epsilon_control_changes_the_plot(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have Chromium for the offline explorer test (.ci/run installs it)")
+        pytest.skip("Chromium is not installed (.ci/run installs it)")
+    page_file = tmp_path / "explorer.html"
+    page_file.write_text(_page())
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_file.as_uri())
+        root = page.locator(".privrec-explorer")
+
+        def state():
+            return (json.loads(root.get_attribute("data-selected")),
+                    page.locator(".privrec-readout").inner_text(),
+                    page.locator(".privrec-point").get_attribute("cy"))
+
+        before = state()
+        assert before[0]["epsilon"] == 1.0 and before[0]["clients"] == 10
+        page.eval_on_selector('input[name="epsilon"]',
+                              "el => { el.value = 2; el.dispatchEvent(new Event('input')); }")
+        after = state()
+        assert after[0]["epsilon"] is None  # the non-private end of the axis
+        assert after[1] != before[1] and after[2] != before[2]
+        page.eval_on_selector('input[name="clients"]',
+                              "el => { el.value = 1; el.dispatchEvent(new Event('input')); }")
+        assert state()[0]["clients"] == 100
+        browser.close()
+    assert all(url.startswith("file://") for url in requests)
