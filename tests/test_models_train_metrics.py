@@ -148,3 +148,21 @@ def test_fit_rejects_mismatched_data(syn):
         fit_explicit(torch.nn.Linear(2, 2), train)
     with pytest.raises(ValueError, match="n_negatives"):
         fit_implicit(BiasedMF(ml.n_users, ml.n_items, 2), train, n_negatives=0)
+
+
+def test_heldout_ndcg_by_hand():
+    from privrec.metrics import heldout_ndcg
+
+    model = BiasedMF(2, 3, 0)
+    with torch.no_grad():
+        model.item_bias.copy_(torch.tensor([3.0, 2.0, 1.0]))  # predicted order: item 0, 1, 2
+    test = pd.DataFrame({"user": [0, 0, 0, 1], "item": [0, 1, 2, 0], "rating": [1.0, 5.0, 3.0, 4.0]})
+    gains = np.array([2**1 - 1, 2**5 - 1, 2**3 - 1], dtype=float)
+    disc = 1 / np.log2(np.arange(3) + 2)
+    expected = (gains * disc).sum() / (np.sort(gains)[::-1] * disc).sum()
+    assert heldout_ndcg(model, test, k=10) == pytest.approx(expected)  # user 1 (one rating) skipped
+    with torch.no_grad():
+        model.item_bias.copy_(torch.tensor([1.0, 3.0, 2.0]))  # the ideal order
+    assert heldout_ndcg(model, test, k=2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        heldout_ndcg(model, test, k=0)
