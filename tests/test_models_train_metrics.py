@@ -166,3 +166,18 @@ def test_heldout_ndcg_by_hand():
     assert heldout_ndcg(model, test, k=2) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="k must be"):
         heldout_ndcg(model, test, k=0)
+
+
+def test_cached_json_memoises_and_keys_on_config(tmp_path):
+    from privrec import book
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"rmse": 0.9, "eps": math.inf}
+
+    first = book.cached_json("demo", {"a": 1}, compute, modules=(book,), cache_dir=tmp_path)
+    again = book.cached_json("demo", {"a": 1}, compute, modules=(book,), cache_dir=tmp_path)
+    other = book.cached_json("demo", {"a": 2}, compute, modules=(book,), cache_dir=tmp_path)
+    assert first == again == other and first["eps"] == math.inf and len(calls) == 2

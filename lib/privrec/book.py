@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["show_source", "seed_everything"]
+__all__ = ["show_source", "seed_everything", "cached_json"]
 
 
 def show_source(obj: object):
@@ -26,3 +26,35 @@ def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cached_json(name: str, config: dict, compute, *, modules: tuple = (),
+                cache_dir: str | None = None):
+    """Return ``compute()`` for ``config``, memoised as JSON on disk.
+
+    The key hashes ``name``, the JSON of ``config`` and the source code of ``modules``, so editing
+    the library invalidates old results. The cache lives in ``$PRIVREC_CACHE`` (default
+    ``~/.cache/privrec``); a fresh machine simply recomputes. Results must be JSON-serialisable;
+    ``inf`` is stored as JSON's ``Infinity``.
+    """
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    root = Path(cache_dir or os.environ.get("PRIVREC_CACHE", Path.home() / ".cache" / "privrec"))
+    source = "".join(inspect.getsource(m) for m in modules)
+    key = hashlib.sha256(json.dumps([name, config, source], sort_keys=True, default=str)
+                         .encode()).hexdigest()[:24]
+    path = root / "results" / f"{name}-{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a torn write: recompute
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result
