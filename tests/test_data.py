@@ -57,6 +57,13 @@ def test_missing_sources_explain_how_to_get_data(tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "_recbole_dir", lambda: None)
     with pytest.raises(FileNotFoundError, match="recbole==1.2.1"):
+        load_movielens100k(cache_dir=tmp_path, download=False)
+
+    def offline(url, timeout):
+        raise data.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="download failed.*recbole==1.2.1"):
         load_movielens100k(cache_dir=tmp_path)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ class MovieLens:
 # Loading
 # ----------------------------------------------------------------------------------------------
 
-def load_movielens100k(source: str | os.PathLike | None = None, *, download: bool = False,
+def load_movielens100k(source: str | os.PathLike | None = None, *, download: bool | None = None,
                        cache_dir: str | os.PathLike | None = None) -> MovieLens:
     """Load MovieLens-100K from the first source that exists (see the module docstring).
 
@@ -104,7 +105,9 @@ def load_movielens100k(source: str | os.PathLike | None = None, *, download: boo
         the ``PRIVREC_ML100K_DIR`` environment variable is read, then the recbole wheel, then the
         download cache.
     download:
-        Allow fetching the official zip into ``cache_dir`` when no local source exists.
+        Fetch the official zip into ``cache_dir`` when no local source exists: ``None`` (default)
+        tries and, without a network, fails with instructions; ``False`` never tries (offline
+        builds never get here: ``make`` installs the recbole wheel).
     cache_dir:
         Where a downloaded archive lives; defaults to ``$PRIVREC_CACHE`` or ``~/.cache/privrec``.
     """
@@ -125,13 +128,16 @@ def load_movielens100k(source: str | os.PathLike | None = None, *, download: boo
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     extracted = cache / "ml-100k"
     if not (extracted / "u.data").is_file():
-        if not download:
-            raise FileNotFoundError(
-                "MovieLens-100K not found. Install the data carrier with "
-                "`pip install --no-deps recbole==1.2.1` (what `make` does), or point "
-                f"{ENV_VAR} at an unpacked GroupLens ml-100k directory, or call "
-                f"load_movielens100k(download=True) to fetch {ML100K_URL} into {cache}.")
-        _download_and_extract(cache)
+        how = ("Install the data carrier with `pip install --no-deps recbole==1.2.1` (what `make` "
+               f"does), or point {ENV_VAR} at an unpacked GroupLens ml-100k directory, or fetch "
+               f"{ML100K_URL} with load_movielens100k(download=True) on a machine with a network.")
+        if download is False:
+            raise FileNotFoundError(f"MovieLens-100K not found. {how}")
+        try:
+            _download_and_extract(cache)
+        except urllib.error.URLError as exc:
+            raise FileNotFoundError(f"MovieLens-100K not found and the download failed ({exc}). "
+                                    f"{how}") from exc
     return _from_grouplens_dir(extracted)
 
 
