@@ -2,17 +2,22 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from privrec.accounting import get_epsilon
+from privrec.data import random_split, synthetic_movielens
 from privrec.dpfedavg import (
+    DPFedAvg,
+    DPFederatedMF,
     clip_updates,
     dp_aggregate,
     noise_multiplier_for_target,
     poisson_sample_clients,
     user_level_epsilon,
 )
+from privrec.federated import FederatedMF
 
 
 def test_clipping_bounds_every_row_and_keeps_small_ones():
@@ -69,3 +74,100 @@ def test_accounting_round_trip():
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- DP-FedAvg on the federated MF simulator ------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def syn():
+    ml = synthetic_movielens(n_users=60, n_items=40, n_ratings=900, seed=3)
+    train, test = random_split(ml.ratings, seed=0)
+    return ml, train, test
+
+
+def _sim(syn, **strategy):
+    ml, train, _ = syn
+    kw = {"clients_per_round": ml.n_users, "clip_norm": 0.3, "noise_multiplier": 0.0} | strategy
+    return DPFederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, dim=3,
+                         strategy=DPFedAvg(**kw))
+
+
+def test_sparse_aggregation_equals_dense_clipped_average(syn):
+    sim = _sim(syn)
+    sim.round()
+    up = sim.last_upload
+    n = len(up["clients"])
+    dense = torch.zeros(n, sim.n_items * (sim.dim + 1) + 1)
+    rows = dense[:, :-1].reshape(n, sim.n_items, sim.dim + 1)
+    rows[up["pair_client"], up["pair_item"], :-1] = up["item_factors"]
+    rows[up["pair_client"], up["pair_item"], -1] = up["item_bias"]
+    dense[:, :-1] = rows.reshape(n, -1)
+    dense[:, -1] = up["global_bias"]
+    expected = dp_aggregate(dense, clip_norm=0.3, noise_multiplier=0.0, expected_clients=60)
+    change = sim.strategy.aggregate(up, n_items=sim.n_items, dim=sim.dim)
+    got = torch.cat([torch.cat([change["item_factors"], change["item_bias"][:, None]], 1).reshape(-1),
+                     change["global_bias"].reshape(1)])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert (sim.strategy.last_norms > 0.3).any()  # clipping was active in this check
+
+
+def test_noise_lands_on_every_row(syn):
+    sim = _sim(syn, noise_multiplier=1.0, clients_per_round=30)
+    sim.round()
+    change = sim.strategy.aggregate(sim.last_upload, n_items=sim.n_items, dim=sim.dim)
+    rated = torch.zeros(sim.n_items, dtype=torch.bool)
+    rated[sim.last_upload["pair_item"]] = True
+    assert (change["item_factors"][~rated] != 0).all() or rated.all()
+    assert (change["item_bias"] != 0).all()
+
+
+def test_dp_training_spends_the_planned_epsilon(syn):
+    ml, _, test = syn
+    sigma = noise_multiplier_for_target(target_epsilon=4.0, delta=1e-3, n_clients=60,
+                                        clients_per_round=20, rounds=10)
+    sim = _sim(syn, clients_per_round=20, noise_multiplier=sigma)
+    history = sim.fit(10, test=test, eval_every=5)
+    assert 3.9 < sim.strategy.epsilon(1e-3) <= 4.0
+    assert len(history.test_rmse) == 2 and all(np.isfinite(history.test_rmse))
+    # User rows never reach the server object.
+    assert set(sim.server) == {"item_factors", "item_bias", "global_bias"}
+
+
+def test_without_clipping_or_noise_it_is_uniform_fedavg(syn):
+    ml, train, _ = syn
+    sim = _sim(syn, clip_norm=1e9)
+    ref = FederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, dim=3)
+    sim.round()
+    ref.round()
+    up = sim.last_upload
+    # Same local training; the DP server divides the summed rows by m (untouched rows count 0).
+    assert torch.allclose(up["item_factors"], ref.last_upload["item_factors"])
+    expected = torch.zeros(ml.n_items, 3).index_add_(0, up["pair_item"], up["item_factors"]) / 60
+    change = sim.strategy.aggregate(up, n_items=ml.n_items, dim=3)
+    assert torch.allclose(change["item_factors"], expected, atol=1e-7)
+
+
+def test_dp_strategy_rejects_bad_parameters(syn):
+    with pytest.raises(ValueError, match="clip_norm"):
+        DPFedAvg(clients_per_round=5, clip_norm=0.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPFedAvg(clients_per_round=5, clip_norm=1.0, noise_multiplier=-0.5)
+    with pytest.raises(ValueError, match="server_momentum"):
+        DPFedAvg(clients_per_round=5, clip_norm=1.0, noise_multiplier=1.0, server_momentum=1.0)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        _sim(syn, clients_per_round=61)
+    ml, train, _ = syn
+    with pytest.raises(TypeError, match="DPFedAvg"):
+        DPFederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, strategy=None)
+
+
+def test_rounds_with_nobody_sampled_release_noise_only(syn):
+    sim = _sim(syn, clients_per_round=1, noise_multiplier=1.0)
+    before = sim.server["item_bias"].clone()
+    records = [sim.round() for _ in range(8)]
+    empty = [r for r in records if len(r.clients) == 0]
+    assert empty, "with q = 1/60 some of 8 rounds sample nobody (seeded)"
+    assert empty[0].bytes_up == 0 and not torch.equal(sim.server["item_bias"], before)
+    assert sim.strategy.accountant.steps == 8
