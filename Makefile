@@ -42,6 +42,10 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
+# After `make book`: the built pages work offline (explorer responds, widgets render).
+check-book: $(STAMP)
+	CI=true $(BIN)/python -m pytest tests/test_built_book.py
+
 # Re-execute every chapter in place (what authors commit) and print each chapter's time.
 execute: $(STAMP)
 	@for nb in $(or $(NB),$(NOTEBOOKS)); do \

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .accounting import RDPAccountant, get_epsilon, get_noise_multiplier
-from .federated import FedAvg, FederatedMF, solve_user_ridge
+from .federated import FedAvgM, FederatedMF, solve_user_ridge
 
 __all__ = [
     "DPFedAvg",
@@ -127,7 +127,7 @@ def noise_multiplier_for_target(*, target_epsilon: float, delta: float, n_client
 # DP-FedAvg for the federated matrix-factorisation simulator
 # ----------------------------------------------------------------------------------------------
 
-class DPFedAvg(FedAvg):
+class DPFedAvg(FedAvgM):
     """DP-FedAvg (McMahan et al. 2018) as a strategy for :class:`DPFederatedMF`.
 
     Parameters
@@ -144,8 +144,8 @@ class DPFedAvg(FedAvg):
         coordinate of the summed update, touched or not (otherwise the set of noisy rows would
         reveal which items the cohort rated).
     server_lr, server_momentum:
-        The server optimiser (DP-FedAvgM when momentum > 0); post-processing, so free of privacy
-        cost.
+        The server optimiser, inherited from :class:`~privrec.federated.FedAvgM` (DP-FedAvgM when
+        momentum > 0); post-processing, so free of privacy cost.
     seed:
         Seeds client sampling and noise.
     """
@@ -154,18 +154,15 @@ class DPFedAvg(FedAvg):
 
     def __init__(self, *, clients_per_round: int, clip_norm: float, noise_multiplier: float,
                  server_lr: float = 1.0, server_momentum: float = 0.0, seed: int = 0) -> None:
-        super().__init__(clients_per_round=clients_per_round, server_lr=server_lr, seed=seed)
+        super().__init__(clients_per_round=clients_per_round, server_lr=server_lr,
+                         server_momentum=server_momentum, seed=seed)
         self.clip_norm = _positive_finite("clip_norm", clip_norm)
         if isinstance(noise_multiplier, bool) or not np.isfinite(noise_multiplier) \
                 or noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         self.noise_multiplier = float(noise_multiplier)
-        if not (0 <= server_momentum < 1):
-            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
-        self.server_momentum = float(server_momentum)
         self._noise = torch.Generator().manual_seed(self.seed + 1)
         self._sampling = torch.Generator().manual_seed(self.seed)
-        self._velocity: dict[str, torch.Tensor] = {}
         self.accountant = RDPAccountant()
         self.sample_rate: float | None = None
         #: Pre-clipping norms of the last round's client updates (what adaptive clipping tracks).
@@ -204,14 +201,6 @@ class DPFedAvg(FedAvg):
         if self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return {"item_factors": total_q / m, "item_bias": total_b / m, "global_bias": total_mu / m}
-
-    def server_update(self, params: dict[str, torch.Tensor],
-                      change: dict[str, torch.Tensor]) -> None:
-        for key, delta in change.items():
-            v = self._velocity.get(key)
-            v = delta.clone() if v is None else v.mul_(self.server_momentum).add_(delta)
-            self._velocity[key] = v
-            params[key].add_(v, alpha=self.server_lr)
 
     def epsilon(self, delta: float) -> float:
         """User-level (client-level) :math:`\\varepsilon` spent so far."""

@@ -58,7 +58,7 @@ from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from .data import validate_ratings  # noqa: E402
 from .dpfedavg import dp_aggregate, poisson_sample_clients  # noqa: E402
-from .models import as_index_tensor  # noqa: E402
+from .models import as_index_tensor, checked_pairs  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -420,11 +420,7 @@ class TwoTowerRecommender(nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores (logits) of the (user, item) pairs; ids are checked."""
-        users = as_index_tensor(users, name="users", upper=self.n_users)
-        items = as_index_tensor(items, name="items", upper=self.n_items)
-        if users.shape != items.shape:
-            raise ValueError(f"users and items must have the same length, got {users.numel()} "
-                             f"and {items.numel()}")
+        users, items = checked_pairs(users, items, n_users=self.n_users, n_items=self.n_items)
         return self.predict_unchecked(users, items)
 
     def predict_unchecked(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BiasedMF", "as_index_tensor"]
+__all__ = ["BiasedMF", "as_index_tensor", "checked_pairs"]
 
 
 def _check_count(name: str, value: object, low: int) -> int:
@@ -41,6 +41,17 @@ def as_index_tensor(values: object, *, name: str, upper: int) -> torch.Tensor:
         raise ValueError(f"{name} ids must lie in [0, {upper}), got range "
                          f"[{int(tensor.min())}, {int(tensor.max())}]")
     return tensor
+
+
+def checked_pairs(users: object, items: object, *, n_users: int,
+                  n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``(users, items)`` id tensors of equal length, for any model's ``forward``."""
+    users = as_index_tensor(users, name="users", upper=n_users)
+    items = as_index_tensor(items, name="items", upper=n_items)
+    if users.shape != items.shape:
+        raise ValueError(f"users and items must have the same length, got {users.numel()} "
+                         f"and {items.numel()}")
+    return users, items
 
 
 class BiasedMF(nn.Module):
@@ -82,11 +93,7 @@ class BiasedMF(nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Predicted ratings for the (user, item) pairs; ids are checked."""
-        users = as_index_tensor(users, name="users", upper=self.n_users)
-        items = as_index_tensor(items, name="items", upper=self.n_items)
-        if users.shape != items.shape:
-            raise ValueError(f"users and items must have the same length, got {users.numel()} "
-                             f"and {items.numel()}")
+        users, items = checked_pairs(users, items, n_users=self.n_users, n_items=self.n_items)
         return self.predict_unchecked(users, items)
 
     def predict_unchecked(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
