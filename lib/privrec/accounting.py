@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy import special
 
+from .checks import int_in, non_negative, positive, real
+
 __all__ = [
     "DEFAULT_ORDERS",
     "RDPAccountant",
@@ -58,23 +60,14 @@ _MAX_NOISE_MULTIPLIER = 1e6
 # Parameter checks (shared with privrec.mechanisms)
 # ----------------------------------------------------------------------------------------------
 
-def _as_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def check_epsilon(epsilon: object, *, name: str = "epsilon") -> float:
     """Return ``epsilon`` as a float; raise ``ValueError`` unless it is finite and > 0."""
-    value = _as_real(name, epsilon)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}")
-    return value
+    return positive(name, epsilon)
 
 
 def check_delta(delta: object, *, name: str = "delta") -> float:
     """Return ``delta`` as a float; raise ``ValueError`` unless ``0 < delta < 1``."""
-    value = _as_real(name, delta)
+    value = real(name, delta)
     if not (0.0 < value < 1.0):  # also rejects NaN
         raise ValueError(f"{name} must be in the open interval (0, 1), got {delta!r}")
     return value
@@ -82,7 +75,7 @@ def check_delta(delta: object, *, name: str = "delta") -> float:
 
 def check_sample_rate(sample_rate: object, *, name: str = "sample_rate") -> float:
     """Return ``sample_rate`` as a float; raise ``ValueError`` unless ``0 < sample_rate <= 1``."""
-    value = _as_real(name, sample_rate)
+    value = real(name, sample_rate)
     if not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {sample_rate!r}")
     return value
@@ -90,18 +83,7 @@ def check_sample_rate(sample_rate: object, *, name: str = "sample_rate") -> floa
 
 def check_steps(steps: object, *, name: str = "steps") -> int:
     """Return ``steps`` as an int; raise ``TypeError``/``ValueError`` unless it is an int >= 1."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= 1, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {steps!r}")
-    return int(steps)
-
-
-def _check_noise_multiplier(noise_multiplier: object) -> float:
-    value = _as_real("noise_multiplier", noise_multiplier)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    return value
+    return int_in(name, steps, 1)
 
 
 def _check_orders(orders: Iterable[float] | float | None) -> np.ndarray:
@@ -138,7 +120,7 @@ def sequential_composition(epsilons: Sequence[float],
     if len(dls) != len(eps):
         raise ValueError(f"deltas must have one entry per epsilon ({len(eps)}), got {len(dls)}")
     for i, d in enumerate(dls):
-        value = _as_real(f"deltas[{i}]", d)
+        value = real(f"deltas[{i}]", d)
         if not (0.0 <= value < 1.0):
             raise ValueError(f"deltas[{i}] must be in [0, 1), got {d!r}")
     return float(sum(eps)), float(min(1.0, sum(float(d) for d in dls)))
@@ -162,7 +144,7 @@ def advanced_composition(*, epsilon: float, steps: int, delta_prime: float,
     epsilon = check_epsilon(epsilon)
     steps = check_steps(steps)
     delta_prime = check_delta(delta_prime, name="delta_prime")
-    delta = _as_real("delta", delta)
+    delta = real("delta", delta)
     if not (0.0 <= delta < 1.0):
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     eps_total = (epsilon * math.sqrt(2.0 * steps * math.log(1.0 / delta_prime))
@@ -271,7 +253,7 @@ def compute_rdp(*, sample_rate: float, noise_multiplier: float, steps: int,
     Returns an array of RDP values, one per order (``inf`` when ``noise_multiplier == 0``).
     """
     q = check_sample_rate(sample_rate)
-    sigma = _check_noise_multiplier(noise_multiplier)
+    sigma = non_negative("noise_multiplier", noise_multiplier)
     steps = check_steps(steps)
     alphas = _check_orders(orders)
     return np.array([_rdp_one_order(q, sigma, float(a)) for a in alphas]) * steps
@@ -375,7 +357,7 @@ class RDPAccountant:
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` steps with this noise multiplier and sample rate."""
-        sigma = _check_noise_multiplier(noise_multiplier)
+        sigma = non_negative("noise_multiplier", noise_multiplier)
         q = check_sample_rate(sample_rate)
         n = check_steps(num_steps, name="num_steps")
         if self.history and self.history[-1][:2] == (sigma, q):

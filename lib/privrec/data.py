@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checks import int_in
+
 __all__ = [
     "MovieLens",
     "load_movielens100k",
@@ -247,14 +249,6 @@ def validate_ratings(ratings: object, *, n_users: int | None = None, n_items: in
     return ratings
 
 
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return int(seed)
-
-
 def random_split(ratings: pd.DataFrame, *, test_fraction: float = 0.2,
                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded random split of individual ratings (explicit-feedback evaluation).
@@ -265,7 +259,7 @@ def random_split(ratings: pd.DataFrame, *, test_fraction: float = 0.2,
     validate_ratings(ratings)
     if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    rng = np.random.default_rng(_check_seed(seed))
+    rng = np.random.default_rng(int_in("seed", seed, 0))
     order = rng.permutation(len(ratings))
     n_test = int(round(test_fraction * len(ratings)))
     test_rows = np.sort(order[:n_test])
@@ -310,7 +304,7 @@ def synthetic_movielens(n_users: int = 60, n_items: int = 80, n_ratings: int = 1
             max(n_users, n_items) <= n_ratings <= n_users * n_items):
         raise ValueError(f"n_ratings must be an int in [max(n_users, n_items), n_users * n_items] "
                          f"= [{max(n_users, n_items)}, {n_users * n_items}], got {n_ratings!r}")
-    rng = np.random.default_rng(_check_seed(seed))
+    rng = np.random.default_rng(int_in("seed", seed, 0))
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     popularity /= popularity.sum()
     pairs: set[tuple[int, int]] = set()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .accounting import RDPAccountant, get_epsilon, get_noise_multiplier
+from .checks import int_in, non_negative, positive
 from .federated import FedAvgM, FederatedMF, solve_user_ridge
 
 __all__ = [
@@ -44,12 +45,6 @@ __all__ = [
 ]
 
 
-def _positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
 
 def clip_updates(updates: torch.Tensor, *, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each row of ``updates`` ``[m, d]`` to :math:`\\ell_2` norm at most ``clip_norm``.
@@ -57,7 +52,7 @@ def clip_updates(updates: torch.Tensor, *, clip_norm: float) -> tuple[torch.Tens
     Returns ``(clipped, norms)`` where ``norms`` are the norms before clipping (their distribution
     is what adaptive clipping, Andrew et al. 2021, tracks).
     """
-    clip_norm = _positive_finite("clip_norm", clip_norm)
+    clip_norm = positive("clip_norm", clip_norm)
     if not torch.is_tensor(updates) or updates.dim() != 2 or not updates.dtype.is_floating_point:
         raise ValueError("updates must be a 2-D floating-point tensor [clients, parameters]")
     if not torch.isfinite(updates).all():
@@ -75,9 +70,8 @@ def dp_aggregate(updates: torch.Tensor, *, clip_norm: float, noise_multiplier: f
     ``updates`` holds one row per participating client (possibly zero rows). The noise std of the
     returned average is ``noise_multiplier * clip_norm / expected_clients`` per coordinate.
     """
-    if isinstance(noise_multiplier, bool) or not np.isfinite(noise_multiplier) or noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    expected_clients = _positive_finite("expected_clients", expected_clients)
+    noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
+    expected_clients = positive("expected_clients", expected_clients)
     clipped, _ = clip_updates(updates, clip_norm=clip_norm)
     total = clipped.sum(0)
     if noise_multiplier > 0:
@@ -92,8 +86,7 @@ def poisson_sample_clients(n_clients: int, *, sample_rate: float,
 
     The cohort size is random (possibly 0); that randomness is part of the privacy analysis.
     """
-    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-        raise ValueError(f"n_clients must be an int >= 1, got {n_clients!r}")
+    n_clients = int_in("n_clients", n_clients, 1)
     if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if sample_rate == 1:
@@ -113,9 +106,8 @@ def noise_multiplier_for_target(*, target_epsilon: float, delta: float, n_client
                                 clients_per_round: float, rounds: int) -> float:
     """The noise multiplier :math:`\\sigma` that spends ``target_epsilon`` in ``rounds`` rounds
     when ``clients_per_round`` of ``n_clients`` join each round on average (``q = m / N``)."""
-    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-        raise ValueError(f"n_clients must be an int >= 1, got {n_clients!r}")
-    clients_per_round = _positive_finite("clients_per_round", clients_per_round)
+    n_clients = int_in("n_clients", n_clients, 1)
+    clients_per_round = positive("clients_per_round", clients_per_round)
     if clients_per_round > n_clients:
         raise ValueError(f"clients_per_round must be in (0, n_clients={n_clients}], "
                          f"got {clients_per_round}")
@@ -156,11 +148,8 @@ class DPFedAvg(FedAvgM):
                  server_lr: float = 1.0, server_momentum: float = 0.0, seed: int = 0) -> None:
         super().__init__(clients_per_round=clients_per_round, server_lr=server_lr,
                          server_momentum=server_momentum, seed=seed)
-        self.clip_norm = _positive_finite("clip_norm", clip_norm)
-        if isinstance(noise_multiplier, bool) or not np.isfinite(noise_multiplier) \
-                or noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = positive("clip_norm", clip_norm)
+        self.noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
         self._noise = torch.Generator().manual_seed(self.seed + 1)
         self._sampling = torch.Generator().manual_seed(self.seed)
         self.accountant = RDPAccountant()

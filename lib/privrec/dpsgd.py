@@ -59,7 +59,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accounting import RDPAccountant, compute_rdp, get_noise_multiplier, rdp_to_epsilon
+from .accounting import (
+    RDPAccountant,
+    check_delta,
+    check_sample_rate,
+    compute_rdp,
+    get_noise_multiplier,
+    rdp_to_epsilon,
+)
+from .checks import non_negative, positive, real
 from .data import validate_ratings
 from .mechanisms import laplace_mechanism, randomized_response
 from .metrics import evaluate_ratings
@@ -101,59 +109,11 @@ _NORM_EPS = 1e-6
 # Parameter checks
 # ----------------------------------------------------------------------------------------------
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_clip_norm(clip_norm: object) -> float:
-    value = _real("clip_norm", clip_norm)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-    return value
-
-
-def _check_noise_multiplier(noise_multiplier: object) -> float:
-    value = _real("noise_multiplier", noise_multiplier)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    return value
-
-
-def _check_sample_rate(sample_rate: object) -> float:
-    value = _real("sample_rate", sample_rate)
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    return value
-
-
-def _check_positive(name: str, value: object) -> float:
-    v = _real(name, value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _check_non_negative(name: str, value: object) -> float:
-    v = _real(name, value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
-
-
 def _check_epsilon_or_inf(name: str, value: object) -> float:
     """A privacy budget: finite > 0, or ``math.inf`` meaning "no noise"."""
-    v = _real(name, value)
+    v = real(name, value)
     if math.isnan(v) or v <= 0:
         raise ValueError(f"{name} must be > 0 (math.inf for no privacy), got {value!r}")
-    return v
-
-
-def _check_delta(delta: object) -> float:
-    v = _real("delta", delta)
-    if not (0.0 < v < 1.0):
-        raise ValueError(f"delta must be in the open interval (0, 1), got {delta!r}")
     return v
 
 
@@ -207,7 +167,7 @@ def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """:math:`\\min(1, C/(\\lVert g_j\\rVert+10^{-6}))`, the factor that clips each example to norm C."""
-    clip_norm = _check_clip_norm(clip_norm)
+    clip_norm = positive("clip_norm", clip_norm)
     return (clip_norm / (norms + _NORM_EPS)).clamp(max=1.0)
 
 
@@ -416,9 +376,9 @@ def add_gaussian_noise(summed: dict[str, torch.Tensor], *, noise_multiplier: flo
     Dividing by the *expected* batch size :math:`qN` (a public constant), not the realised one,
     keeps the sensitivity of the average at :math:`C/(qN)`; the realised size is itself private.
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
-    clip_norm = _check_clip_norm(clip_norm)
-    denom = _check_positive("expected_batch_size", expected_batch_size)
+    sigma = non_negative("noise_multiplier", noise_multiplier)
+    clip_norm = positive("clip_norm", clip_norm)
+    denom = positive("expected_batch_size", expected_batch_size)
     std = sigma * clip_norm
     out = {}
     for name, g in summed.items():
@@ -476,12 +436,12 @@ class DPSGD:
         if len(train) == 0:
             raise ValueError("train must not be empty")
         self.model = model
-        self.clip_norm = _check_clip_norm(clip_norm)
-        self.noise_multiplier = _check_noise_multiplier(noise_multiplier)
-        self.sample_rate = _check_sample_rate(sample_rate)
-        self.lr = _check_positive("lr", lr)
-        self.reg = _check_non_negative("reg", reg)
-        self.bias_reg = _check_non_negative("bias_reg", bias_reg)
+        self.clip_norm = positive("clip_norm", clip_norm)
+        self.noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.lr = positive("lr", lr)
+        self.reg = non_negative("reg", reg)
+        self.bias_reg = non_negative("bias_reg", bias_reg)
         self.trainable = _check_trainable(trainable)
         self.users, self.items, self.ratings = ratings_to_tensors(train)
         self.n_examples = len(self.ratings)
@@ -537,7 +497,7 @@ class DPSGD:
 
     def epsilon(self, delta: float) -> float:
         """:math:`\\varepsilon` spent so far (``inf`` once a step ran with ``noise_multiplier == 0``)."""
-        delta = _check_delta(delta)
+        delta = check_delta(delta)
         if self.steps_taken == 0:
             return 0.0
         if self.noise_multiplier == 0:
@@ -567,7 +527,7 @@ def _noise_for_target(*, target_epsilon: float, delta: float, sample_rate: float
 
 
 def _steps_for(epochs: float, sample_rate: float) -> int:
-    return max(1, int(round(_check_positive("epochs", epochs) / sample_rate)))
+    return max(1, int(round(positive("epochs", epochs) / sample_rate)))
 
 
 def fit_dpsgd(model: BiasedMF, train: pd.DataFrame, *, target_epsilon: float | None = None,
@@ -584,15 +544,15 @@ def fit_dpsgd(model: BiasedMF, train: pd.DataFrame, *, target_epsilon: float | N
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ValueError("give exactly one of target_epsilon and noise_multiplier")
-    delta = _check_delta(delta)
-    sample_rate = _check_sample_rate(sample_rate)
+    delta = check_delta(delta)
+    sample_rate = check_sample_rate(sample_rate)
     steps = _steps_for(epochs, sample_rate)
     if target_epsilon is not None:
         target_epsilon = _check_epsilon_or_inf("target_epsilon", target_epsilon)
         sigma = (0.0 if math.isinf(target_epsilon) else _noise_for_target(
             target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps))
     else:
-        sigma = _check_noise_multiplier(noise_multiplier)
+        sigma = non_negative("noise_multiplier", noise_multiplier)
     if validation is not None:
         if loss != "squared":
             raise ValueError("validation RMSE needs loss='squared'")
@@ -628,7 +588,7 @@ def laplace_perturb_ratings(ratings: pd.DataFrame, *, epsilon: float, low: float
     """
     validate_ratings(ratings)
     epsilon = _check_epsilon_or_inf("epsilon", epsilon)
-    low, high = _real("low", low), _real("high", high)
+    low, high = real("low", low), real("high", high)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"need finite low < high, got low={low!r}, high={high!r}")
     out = ratings.copy()
@@ -727,13 +687,13 @@ def private_biases(train: pd.DataFrame, *, n_users: int, n_items: int, noise_mul
     :math:`\\alpha/z^2`; :attr:`PrivateBiases.epsilon` reports their cost alone.
     """
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")
-    z = _check_noise_multiplier(noise_multiplier)
-    delta = _check_delta(delta)
-    center = _real("center", center)
-    rating_bound = _check_positive("rating_bound", rating_bound)
-    residual_bound = _check_positive("residual_bound", residual_bound)
-    reg_user = _check_non_negative("reg_user", reg_user)
-    reg_item = _check_non_negative("reg_item", reg_item)
+    z = non_negative("noise_multiplier", noise_multiplier)
+    delta = check_delta(delta)
+    center = real("center", center)
+    rating_bound = positive("rating_bound", rating_bound)
+    residual_bound = positive("residual_bound", residual_bound)
+    reg_user = non_negative("reg_user", reg_user)
+    reg_item = non_negative("reg_item", reg_item)
     users, items, ratings = ratings_to_tensors(train)
     ratings = ratings.double()
     gen = torch.Generator().manual_seed(int(seed))
@@ -779,8 +739,8 @@ def private_item_popularity(train: pd.DataFrame, *, n_users: int, n_items: int,
     ranking and stay 0.
     """
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")
-    z = _check_noise_multiplier(noise_multiplier)
-    delta = _check_delta(delta)
+    z = non_negative("noise_multiplier", noise_multiplier)
+    delta = check_delta(delta)
     counts = torch.bincount(torch.as_tensor(train["item"].to_numpy()), minlength=n_items).double()
     if z > 0:
         gen = torch.Generator().manual_seed(int(seed))
@@ -859,11 +819,11 @@ def fit_private_bias_residual(train: pd.DataFrame, *, n_users: int, n_items: int
         raise ValueError(f"loss must be 'squared' or 'logistic', got {loss!r}")
     releases = 2 if loss == "squared" else 1
     target_epsilon = _check_epsilon_or_inf("target_epsilon", target_epsilon)
-    delta = _check_delta(delta)
-    bias_share = _real("bias_share", bias_share)
+    delta = check_delta(delta)
+    bias_share = real("bias_share", bias_share)
     if not (0.0 < bias_share < 1.0):
         raise ValueError(f"bias_share must be in (0, 1), got {bias_share!r}")
-    sample_rate = _check_sample_rate(sample_rate)
+    sample_rate = check_sample_rate(sample_rate)
     steps = _steps_for(epochs, sample_rate)
     if math.isinf(target_epsilon):
         z, sigma = 0.0, 0.0

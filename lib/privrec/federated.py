@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checks import choice, in_range, int_in, positive
 from .data import validate_ratings
 from .metrics import evaluate_ratings
 from .models import BiasedMF
@@ -70,44 +71,6 @@ __all__ = [
 #: Wire sizes used by the communication accounting (float32 values, int32 row indices).
 BYTES_PER_FLOAT = 4
 BYTES_PER_INDEX = 4
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------------
-
-def _int_in(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if high is None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return int(value)
-
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
-def _in_range(name: str, value: object, low: float, high: float, *, closed_high: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = low <= value <= high if closed_high else low <= value < high
-    if not (np.isfinite(value) and ok):
-        raise ValueError(f"{name} must be in [{low}, {high}{']' if closed_high else ')'}, "
-                         f"got {value!r}")
-    return float(value)
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +99,7 @@ class Partition:
         owners = np.asarray(self.client_of_user)
         if owners.ndim != 1 or not np.issubdtype(owners.dtype, np.integer):
             raise ValueError("client_of_user must be a 1-D integer array")
-        _int_in("n_clients", self.n_clients, 1)
+        int_in("n_clients", self.n_clients, 1)
         if owners.size and (owners.min() < 0 or owners.max() >= self.n_clients):
             raise ValueError(f"client_of_user must lie in [0, {self.n_clients}), got range "
                              f"[{owners.min()}, {owners.max()}]")
@@ -158,15 +121,15 @@ class Partition:
 
 def cross_device(n_users: int) -> Partition:
     """Every user is a client (the phone-per-user setting)."""
-    n_users = _int_in("n_users", n_users, 1)
+    n_users = int_in("n_users", n_users, 1)
     return Partition(np.arange(n_users), n_users, "cross-device")
 
 
 def iid_partition(n_users: int, n_silos: int, *, seed: int = 0) -> Partition:
     """K silos of (almost) equal size holding a seeded random shuffle of the users."""
-    n_users = _int_in("n_users", n_users, 1)
-    n_silos = _int_in("n_silos", n_silos, 1, n_users)
-    rng = np.random.default_rng(_int_in("seed", seed, 0))
+    n_users = int_in("n_users", n_users, 1)
+    n_silos = int_in("n_silos", n_silos, 1, n_users)
+    rng = np.random.default_rng(int_in("seed", seed, 0))
     owners = np.empty(n_users, dtype=np.int64)
     owners[rng.permutation(n_users)] = np.arange(n_users) % n_silos
     return Partition(owners, n_silos, f"IID, K={n_silos}")
@@ -179,9 +142,9 @@ def demographic_partition(users: pd.DataFrame, *, by: str = "age", n_silos: int 
     silo is one age group; ``by="gender"`` or ``by="occupation"`` makes one silo per value
     (``n_silos`` is then ignored).
     """
-    by = _choice("by", by, ("age", "gender", "occupation"))
+    by = choice("by", by, ("age", "gender", "occupation"))
     if by == "age":
-        n_silos = _int_in("n_silos", n_silos, 1, len(users))
+        n_silos = int_in("n_silos", n_silos, 1, len(users))
         ranks = users["age"].rank(method="first").to_numpy() - 1
         owners = (ranks * n_silos // len(users)).astype(np.int64)
         return Partition(owners, n_silos, f"age bands, K={n_silos}")
@@ -199,9 +162,9 @@ def dirichlet_genre_partition(ratings: pd.DataFrame, items: pd.DataFrame, *, n_u
     by a few genres, large :math:`\\alpha` approaches the IID partition.
     """
     validate_ratings(ratings, n_users=n_users)
-    n_silos = _int_in("n_silos", n_silos, 1, n_users)
-    alpha = _positive("alpha", alpha)
-    rng = np.random.default_rng(_int_in("seed", seed, 0))
+    n_silos = int_in("n_silos", n_silos, 1, n_users)
+    alpha = positive("alpha", alpha)
+    rng = np.random.default_rng(int_in("seed", seed, 0))
     first_genre = items.set_index("item")["genres"].str.split("|").str[0]
     genre = first_genre.loc[ratings["item"].to_numpy()].to_numpy()
     table = pd.DataFrame({"user": ratings["user"].to_numpy(), "genre": genre})
@@ -247,17 +210,17 @@ class FedAvg:
     def __init__(self, *, clients_per_round: int | None = None, server_lr: float = 1.0,
                  weighting: str = "per_row", seed: int = 0) -> None:
         if clients_per_round is not None:
-            _int_in("clients_per_round", clients_per_round, 1)
+            int_in("clients_per_round", clients_per_round, 1)
         self.clients_per_round = clients_per_round
-        self.server_lr = _positive("server_lr", server_lr)
-        self.weighting = _choice("weighting", weighting, ("per_row", "per_client"))
-        self.seed = _int_in("seed", seed, 0)
+        self.server_lr = positive("server_lr", server_lr)
+        self.weighting = choice("weighting", weighting, ("per_row", "per_client"))
+        self.seed = int_in("seed", seed, 0)
         self._rng = np.random.default_rng(self.seed)
 
     def check(self, n_clients: int) -> None:
         """Raise ``ValueError`` if ``clients_per_round`` does not fit ``n_clients``."""
         if self.clients_per_round is not None:
-            _int_in("clients_per_round", self.clients_per_round, 1, n_clients)
+            int_in("clients_per_round", self.clients_per_round, 1, n_clients)
 
     def sample_clients(self, n_clients: int) -> np.ndarray:
         """Step 2: the sorted ids of this round's clients (seeded, without replacement)."""
@@ -312,7 +275,7 @@ class FedAvgM(FedAvg):
 
     def __init__(self, *, server_momentum: float = 0.9, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.server_momentum = _in_range("server_momentum", server_momentum, 0.0, 1.0,
+        self.server_momentum = in_range("server_momentum", server_momentum, 0.0, 1.0,
                                          closed_high=False)
         self._velocity: dict[str, torch.Tensor] = {}
 
@@ -431,8 +394,8 @@ class FederatedMF:
                  upload: str = "sparse", fake_items: float = 0.0,
                  pseudo_rating: str = "user_mean", engine: str = "vectorised",
                  init_std: float = 0.1, seed: int = 0, num_threads: int | None = 1) -> None:
-        self.n_users = _int_in("n_users", n_users, 1)
-        self.n_items = _int_in("n_items", n_items, 1)
+        self.n_users = int_in("n_users", n_users, 1)
+        self.n_items = int_in("n_items", n_items, 1)
         validate_ratings(train, n_users=self.n_users, n_items=self.n_items, name="train")
         if len(train) == 0:
             raise ValueError("train must not be empty")
@@ -446,20 +409,20 @@ class FederatedMF:
             raise ValueError(f"partition covers {self.partition.n_users} users, expected "
                              f"n_users={self.n_users}")
         self.strategy.check(self.partition.n_clients)
-        self.dim = _int_in("dim", dim, 1)
-        self.local_epochs = _int_in("local_epochs", local_epochs, 1)
-        self.local_lr = _positive("local_lr", local_lr)
-        self.reg = _in_range("reg", reg, 0.0, np.inf, closed_high=False)
-        self.bias_reg = _in_range("bias_reg", bias_reg, 0.0, np.inf, closed_high=False)
-        self.user_solver = _choice("user_solver", user_solver, ("closed_form", "gradient"))
+        self.dim = int_in("dim", dim, 1)
+        self.local_epochs = int_in("local_epochs", local_epochs, 1)
+        self.local_lr = positive("local_lr", local_lr)
+        self.reg = in_range("reg", reg, 0.0, np.inf, closed_high=False)
+        self.bias_reg = in_range("bias_reg", bias_reg, 0.0, np.inf, closed_high=False)
+        self.user_solver = choice("user_solver", user_solver, ("closed_form", "gradient"))
         if self.user_solver == "closed_form" and (self.reg == 0 or self.bias_reg == 0):
             raise ValueError("user_solver='closed_form' needs reg > 0 and bias_reg > 0")
-        self.upload = _choice("upload", upload, ("sparse", "dense"))
-        self.fake_items = _in_range("fake_items", fake_items, 0.0, 100.0, closed_high=True)
-        self.pseudo_rating = _choice("pseudo_rating", pseudo_rating, ("user_mean", "predicted"))
-        self.engine = _choice("engine", engine, ("vectorised", "loop"))
-        self.seed = _int_in("seed", seed, 0)
-        self.num_threads = None if num_threads is None else _int_in("num_threads", num_threads, 1)
+        self.upload = choice("upload", upload, ("sparse", "dense"))
+        self.fake_items = in_range("fake_items", fake_items, 0.0, 100.0, closed_high=True)
+        self.pseudo_rating = choice("pseudo_rating", pseudo_rating, ("user_mean", "predicted"))
+        self.engine = choice("engine", engine, ("vectorised", "loop"))
+        self.seed = int_in("seed", seed, 0)
+        self.num_threads = None if num_threads is None else int_in("num_threads", num_threads, 1)
 
         # Sorted by user, so any subset of the ratings is grouped by user (CSR-ready).
         order = np.lexsort((train["item"].to_numpy(), train["user"].to_numpy()))
@@ -531,8 +494,8 @@ class FederatedMF:
     def fit(self, rounds: int, *, test: pd.DataFrame | None = None,
             eval_every: int = 1) -> FedHistory:
         """Run ``rounds`` rounds, recording bytes each round and test RMSE every ``eval_every``."""
-        rounds = _int_in("rounds", rounds, 1)
-        eval_every = _int_in("eval_every", eval_every, 1)
+        rounds = int_in("rounds", rounds, 1)
+        eval_every = int_in("eval_every", eval_every, 1)
         if test is not None:
             validate_ratings(test, n_users=self.n_users, n_items=self.n_items, name="test")
         history = FedHistory()

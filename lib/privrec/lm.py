@@ -56,6 +56,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
+from .checks import int_in, non_negative, positive  # noqa: E402
 from .data import validate_ratings  # noqa: E402
 from .dpfedavg import dp_aggregate, poisson_sample_clients  # noqa: E402
 from .models import as_index_tensor, checked_pairs  # noqa: E402
@@ -80,27 +81,6 @@ __all__ = [
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: float32 on the wire.
 BYTES_PER_FLOAT = 4
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------------
-
-def _int_at_least(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value: object, *, low: float = 0.0, strict: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value > low if strict else value >= low
-    if not (np.isfinite(value) and ok):
-        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +254,7 @@ def pca_projection(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
 
     Computed from public item texts only, so it costs no privacy."""
     embeddings = _check_embeddings(embeddings)
-    dim = _int_at_least("dim", dim, 1)
+    dim = int_in("dim", dim, 1)
     directions, singular = _principal_directions(embeddings, dim)
     scale = np.sqrt(len(embeddings) - 1) / singular.square().mean().sqrt()
     return (directions * scale).float()
@@ -354,23 +334,23 @@ class TwoTowerRecommender(nn.Module):
                  text_dim: int | None = None, rank: int | None = 4, item_bias: bool = False,
                  init_std: float = 0.1, seed: int = 0) -> None:
         super().__init__()
-        self.n_users = _int_at_least("n_users", n_users, 1)
+        self.n_users = int_in("n_users", n_users, 1)
         embeddings = _check_embeddings(item_embeddings)
-        self.dim = _int_at_least("dim", dim, 1)
+        self.dim = int_in("dim", dim, 1)
         if text_dim is not None:
-            text_dim = _int_at_least("text_dim", text_dim, self.dim)
+            text_dim = int_in("text_dim", text_dim, self.dim)
             directions, _ = _principal_directions(embeddings, text_dim)
             embeddings = ((embeddings.double() - embeddings.double().mean(0)) @ directions).float()
         self.text_dim = text_dim
         self.n_items, self.embedding_dim = embeddings.shape
         if rank is not None:
-            rank = _int_at_least("rank", rank, 1)
+            rank = int_in("rank", rank, 1)
             if rank > min(self.embedding_dim, self.dim):
                 raise ValueError(f"rank must be <= min(embedding_dim, dim) = "
                                  f"{min(self.embedding_dim, self.dim)}, got {rank}")
         self.rank = rank
-        init_std = _number("init_std", init_std, strict=False)
-        gen = torch.Generator().manual_seed(_int_at_least("seed", seed, 0))
+        init_std = non_negative("init_std", init_std)
+        gen = torch.Generator().manual_seed(int_in("seed", seed, 0))
         self.register_buffer("item_embeddings", embeddings - embeddings.mean(0))
         self.register_buffer("base_projection", pca_projection(embeddings, self.dim))
         # The frozen part of the item tower, computed once: E W0 for every item.
@@ -496,11 +476,11 @@ def fit_two_tower(model: TwoTowerRecommender, train: pd.DataFrame, *, epochs: in
     if not isinstance(model, TwoTowerRecommender):
         raise TypeError(f"model must be a TwoTowerRecommender, got {type(model).__name__}")
     users, items, pool = _implicit_data(model, train, negative_items)
-    epochs = _int_at_least("epochs", epochs, 1)
-    batch_size = _int_at_least("batch_size", batch_size, 1)
-    n_negatives = _int_at_least("n_negatives", n_negatives, 1)
-    lr, reg = _number("lr", lr), _number("reg", reg, strict=False)
-    gen = torch.Generator().manual_seed(_int_at_least("seed", seed, 0))
+    epochs = int_in("epochs", epochs, 1)
+    batch_size = int_in("batch_size", batch_size, 1)
+    n_negatives = int_in("n_negatives", n_negatives, 1)
+    lr, reg = positive("lr", lr), non_negative("reg", reg)
+    gen = torch.Generator().manual_seed(int_in("seed", seed, 0))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=lr)
     labels_one = torch.cat([torch.ones(1), torch.zeros(n_negatives)])
@@ -627,25 +607,25 @@ def fit_federated(model: nn.Module, train: pd.DataFrame, *, rounds: int = 100,
     """
     user_names, shared_names = _parameter_names(model)
     _, _, pool = _implicit_data(model, train, negative_items)
-    rounds = _int_at_least("rounds", rounds, 1)
+    rounds = int_in("rounds", rounds, 1)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
             or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    local_steps = _int_at_least("local_steps", local_steps, 1)
-    local_batch = _int_at_least("local_batch", local_batch, 1)
-    n_negatives = _int_at_least("n_negatives", n_negatives, 1)
-    personalise_steps = _int_at_least("personalise_steps", personalise_steps, 0)
-    client_lr, user_lr = _number("client_lr", client_lr, strict=False), _number("user_lr", user_lr)
-    reg, server_lr = _number("reg", reg, strict=False), _number("server_lr", server_lr)
-    server_momentum = _number("server_momentum", server_momentum, strict=False)
+    local_steps = int_in("local_steps", local_steps, 1)
+    local_batch = int_in("local_batch", local_batch, 1)
+    n_negatives = int_in("n_negatives", n_negatives, 1)
+    personalise_steps = int_in("personalise_steps", personalise_steps, 0)
+    client_lr, user_lr = non_negative("client_lr", client_lr), positive("user_lr", user_lr)
+    reg, server_lr = non_negative("reg", reg), positive("server_lr", server_lr)
+    server_momentum = non_negative("server_momentum", server_momentum)
     if server_momentum >= 1:
         raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
-    noise_multiplier = _number("noise_multiplier", noise_multiplier, strict=False)
+    noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
     if clip_norm is not None:
-        clip_norm = _number("clip_norm", clip_norm)
+        clip_norm = positive("clip_norm", clip_norm)
     elif noise_multiplier > 0:
         raise ValueError("noise_multiplier > 0 needs a clip_norm (the noise is calibrated to it)")
-    gen = torch.Generator().manual_seed(_int_at_least("seed", seed, 0))
+    gen = torch.Generator().manual_seed(int_in("seed", seed, 0))
 
     n_users = model.n_users
     items_by_user, starts, counts = _client_index(train, n_users)

@@ -30,6 +30,7 @@ import torch
 from scipy import special
 
 from .accounting import check_delta, check_epsilon
+from .checks import positive
 
 __all__ = [
     "add_gaussian_noise",
@@ -63,15 +64,6 @@ Generator = np.random.Generator | torch.Generator
 # ----------------------------------------------------------------------------------------------
 # Checks and the numpy/torch plumbing
 # ----------------------------------------------------------------------------------------------
-
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
 
 def _check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -164,7 +156,7 @@ def laplace_scale(*, sensitivity: float, epsilon: float) -> float:
     ``sensitivity`` is the L1 sensitivity :math:`\\Delta_1 = \\max_{D \\sim D'} \\|f(D) - f(D')\\|_1`.
     Note the division: *smaller* :math:`\\varepsilon` (more privacy) means *more* noise.
     """
-    return _positive("sensitivity", sensitivity) / check_epsilon(epsilon)
+    return positive("sensitivity", sensitivity) / check_epsilon(epsilon)
 
 
 def laplace_mechanism(value: Any, *, sensitivity: float, epsilon: float,
@@ -202,7 +194,7 @@ def classic_gaussian_sigma(*, sensitivity: float, epsilon: float, delta: float) 
     ``epsilon >= 1`` raises ``ValueError`` (use :func:`analytic_gaussian_sigma`, valid for every
     :math:`\\varepsilon` and never larger than needed). ``sensitivity`` is the L2 sensitivity.
     """
-    sensitivity = _positive("sensitivity", sensitivity)
+    sensitivity = positive("sensitivity", sensitivity)
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
     if epsilon >= 1.0:
@@ -224,8 +216,8 @@ def gaussian_delta(*, sigma: float, sensitivity: float, epsilon: float) -> float
 
     The left-hand side is returned (evaluated with log-CDFs so that large ``epsilon`` cannot overflow).
     """
-    sigma = _positive("sigma", sigma)
-    sensitivity = _positive("sensitivity", sensitivity)
+    sigma = positive("sigma", sigma)
+    sensitivity = positive("sensitivity", sensitivity)
     epsilon = check_epsilon(epsilon)
     a = sensitivity / (2.0 * sigma)
     b = epsilon * sigma / sensitivity
@@ -243,10 +235,10 @@ def analytic_gaussian_sigma(*, sensitivity: float, epsilon: float, delta: float,
     :math:`\\varepsilon > 0`; the returned value is the upper end of the final bracket, so the
     condition holds at it.
     """
-    sensitivity = _positive("sensitivity", sensitivity)
+    sensitivity = positive("sensitivity", sensitivity)
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
-    rtol = _positive("rtol", rtol)
+    rtol = positive("rtol", rtol)
 
     def ok(sigma: float) -> bool:
         return gaussian_delta(sigma=sigma, sensitivity=sensitivity, epsilon=epsilon) <= delta
@@ -275,7 +267,7 @@ def add_gaussian_noise(value: Any, *, std: float, generator: Generator | None = 
     The raw sampler, with no privacy calibration: DP-SGD and DP-FedAvg call it with
     ``std = noise_multiplier * clip_norm`` and account with :mod:`privrec.accounting`.
     """
-    std = _positive("std", std)
+    std = positive("std", std)
     data = _as_data(value)
     gen = _rng_for(value, generator, seed)
     return _combine(value, data, std * _standard_normal(gen, _shape(data)))
@@ -433,7 +425,7 @@ def _row_norms(x: Any, order: int) -> tuple[Any, Any]:
 
 
 def _clip_rows(x: Any, max_norm: float, order: int) -> Any:
-    max_norm = _positive("max_norm", max_norm)
+    max_norm = positive("max_norm", max_norm)
     flat, norms = _row_norms(x, order)
     if isinstance(flat, torch.Tensor):
         factor = max_norm / torch.clamp(norms, min=max_norm)
@@ -472,7 +464,7 @@ def clipped_sum_sensitivity(*, max_norm: float, relation: str = "add_remove") ->
     Adding or removing one row moves the sum by at most ``max_norm`` (in the norm used for clipping);
     replacing one row by another moves it by up to ``2 * max_norm`` (triangle inequality).
     """
-    max_norm = _positive("max_norm", max_norm)
+    max_norm = positive("max_norm", max_norm)
     return max_norm if _check_relation(relation) == "add_remove" else 2.0 * max_norm
 
 
@@ -647,4 +639,4 @@ def privacy_loss_lower_bound(samples_a: Any, samples_b: Any, *, bins: Any, z: fl
     _, log_ratio, stderr = histogram_log_ratios(samples_a, samples_b, bins=bins, min_count=min_count)
     if log_ratio.size == 0:
         return 0.0
-    return float(np.max(np.abs(log_ratio) - _positive("z", z) * stderr))
+    return float(np.max(np.abs(log_ratio) - positive("z", z) * stderr))

@@ -18,15 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import int_in
+
 __all__ = ["BiasedMF", "as_index_tensor", "checked_pairs"]
-
-
-def _check_count(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def as_index_tensor(values: object, *, name: str, upper: int) -> torch.Tensor:
@@ -77,14 +71,14 @@ class BiasedMF(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int = 32, *, global_mean: float = 0.0,
                  init_std: float = 0.1, seed: int = 0) -> None:
         super().__init__()
-        self.n_users = _check_count("n_users", n_users, 1)
-        self.n_items = _check_count("n_items", n_items, 1)
-        self.dim = _check_count("dim", dim, 0)
+        self.n_users = int_in("n_users", n_users, 1)
+        self.n_items = int_in("n_items", n_items, 1)
+        self.dim = int_in("dim", dim, 0)
         if not np.isfinite(global_mean):
             raise ValueError(f"global_mean must be finite, got {global_mean}")
         if not (np.isfinite(init_std) and init_std >= 0):
             raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
-        gen = torch.Generator().manual_seed(_check_count("seed", seed, 0))
+        gen = torch.Generator().manual_seed(int_in("seed", seed, 0))
         self.user_factors = nn.Parameter(torch.randn(self.n_users, self.dim, generator=gen) * init_std)
         self.item_factors = nn.Parameter(torch.randn(self.n_items, self.dim, generator=gen) * init_std)
         self.user_bias = nn.Parameter(torch.zeros(self.n_users))

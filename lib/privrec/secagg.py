@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import int_in, non_negative, positive
+
 __all__ = [
     "MODULUS",
     "SecureAggregationRound",
@@ -51,12 +53,6 @@ __all__ = [
 MODULUS = 2**32
 
 
-def _check_scale(scale: float) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) \
-            or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    return float(scale)
-
 
 def quantise(values: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
     """Fixed-point encode floats into ``[0, 2**32)`` (int64 holding uint32 values).
@@ -64,7 +60,7 @@ def quantise(values: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
     ``scale`` trades precision (``1/scale``) against range: the *sum* over clients must stay within
     ``±2**31 / scale`` or it wraps around.
     """
-    scale = _check_scale(scale)
+    scale = positive("scale", scale)
     if not torch.is_tensor(values) or not values.dtype.is_floating_point:
         raise TypeError("values must be a floating-point tensor")
     if not torch.isfinite(values).all():
@@ -78,7 +74,7 @@ def quantise(values: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
 
 def dequantise(encoded: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
     """Inverse of :func:`quantise` for a (sum of) encoded values, as float64."""
-    scale = _check_scale(scale)
+    scale = positive("scale", scale)
     signed = torch.where(encoded >= MODULUS // 2, encoded - MODULUS, encoded)
     return signed.double() / scale
 
@@ -124,14 +120,13 @@ class SecureAggregationRound:
         ids = tuple(int(c) for c in self.client_ids)
         if len(ids) < 2 or len(set(ids)) != len(ids):
             raise ValueError("client_ids must hold at least two distinct ids")
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
-            raise ValueError(f"size must be an int >= 1, got {self.size!r}")
+        self.size = int_in("size", self.size, 1)
         if self.neighbours is not None and not (
                 isinstance(self.neighbours, (int, np.integer)) and self.neighbours >= 2
                 and self.neighbours % 2 == 0 and self.neighbours < len(ids)):
             raise ValueError(f"neighbours must be None or an even int in [2, {len(ids) - 1}], "
                              f"got {self.neighbours!r}")
-        _check_scale(self.scale)
+        positive("scale", self.scale)
         self.client_ids = ids
         self._position = {c: k for k, c in enumerate(ids)}
 
@@ -197,11 +192,7 @@ def distributed_gaussian_noise(n_clients: int, size: int, *, total_std: float,
     If clients drop out, the sum carries less noise than planned; deployments over-provision the
     per-client share for the expected dropout rate.
     """
-    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-        raise ValueError(f"n_clients must be an int >= 1, got {n_clients!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be an int >= 1, got {size!r}")
-    if not (isinstance(total_std, (int, float)) and np.isfinite(total_std) and total_std >= 0):
-        raise ValueError(f"total_std must be a finite number >= 0, got {total_std!r}")
+    n_clients, size = int_in("n_clients", n_clients, 1), int_in("size", size, 1)
+    total_std = non_negative("total_std", total_std)
     std = total_std / np.sqrt(n_clients)
     return torch.randn(n_clients, size, generator=generator, dtype=torch.float64) * std

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checks import int_in, non_negative, positive
 from .data import validate_ratings
 from .metrics import evaluate_ratings
 from .models import BiasedMF
@@ -41,24 +42,6 @@ class TrainHistory:
     train_loss: list[float] = field(default_factory=list)
     val_rmse: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _positive(name: str, value: object, *, integer: bool = False) -> float:
-    ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return float(value)
 
 
 def ratings_to_tensors(ratings: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,10 +92,10 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
     if validation is not None:
         validate_ratings(validation, n_users=model.n_users, n_items=model.n_items, name="validation")
-    epochs = int(_positive("epochs", epochs, integer=True))
-    batch_size = int(_positive("batch_size", batch_size, integer=True))
-    lr = _positive("lr", lr)
-    reg, bias_reg = _non_negative("reg", reg), _non_negative("bias_reg", bias_reg)
+    epochs = int_in("epochs", epochs, 1)
+    batch_size = int_in("batch_size", batch_size, 1)
+    lr = positive("lr", lr)
+    reg, bias_reg = non_negative("reg", reg), non_negative("bias_reg", bias_reg)
 
     users, items, ratings = ratings_to_tensors(train)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -158,10 +141,10 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
     if not isinstance(model, BiasedMF):
         raise TypeError(f"model must be a BiasedMF, got {type(model).__name__}")
     validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
-    epochs = int(_positive("epochs", epochs, integer=True))
-    batch_size = int(_positive("batch_size", batch_size, integer=True))
-    n_negatives = int(_positive("n_negatives", n_negatives, integer=True))
-    lr, reg = _positive("lr", lr), _non_negative("reg", reg)
+    epochs = int_in("epochs", epochs, 1)
+    batch_size = int_in("batch_size", batch_size, 1)
+    n_negatives = int_in("n_negatives", n_negatives, 1)
+    lr, reg = positive("lr", lr), non_negative("reg", reg)
 
     users, items, _ = ratings_to_tensors(train)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -214,8 +197,8 @@ def fit_bias_baseline(train: pd.DataFrame, *, n_users: int, n_items: int, reg_us
     The default strengths are those of Surprise's ``BaselineOnly``.
     """
     model = global_mean_model(train, n_users=n_users, n_items=n_items)
-    reg_user, reg_item = _non_negative("reg_user", reg_user), _non_negative("reg_item", reg_item)
-    n_iter = int(_positive("n_iter", n_iter, integer=True))
+    reg_user, reg_item = non_negative("reg_user", reg_user), non_negative("reg_item", reg_item)
+    n_iter = int_in("n_iter", n_iter, 1)
     users, items, ratings = ratings_to_tensors(train)
     ratings = ratings.double()
     mu = ratings.mean()
