@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .accounting import RDPAccountant, get_epsilon, get_noise_multiplier
+from .accounting import get_epsilon, get_noise_multiplier
+from .ledger import RDPAccountant
 from .checks import int_in, non_negative, positive
 from .federated import FedAvgM, FederatedMF, solve_user_ridge
 

@@ -59,14 +59,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accounting import (
-    RDPAccountant,
-    check_delta,
-    check_sample_rate,
-    compute_rdp,
-    get_noise_multiplier,
-    rdp_to_epsilon,
-)
+from .accounting import compute_rdp, get_noise_multiplier, rdp_to_epsilon
+from .checks import check_delta, check_sample_rate
+from .ledger import RDPAccountant
 from .checks import non_negative, positive, real
 from .data import validate_ratings
 from .mechanisms import laplace_mechanism, randomized_response

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from .accounting import check_delta, check_epsilon
+from .checks import check_delta, check_epsilon
 from .checks import positive
 
 __all__ = [
