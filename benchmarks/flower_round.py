@@ -1,17 +1,24 @@
-"""The same FedAvg round in Flower's simulation engine (benchmark-only; needs ``flwr[simulation]``).
+"""The same FedAvg round in Flower's Simulation Engine (benchmark-only; needs ``flwr[simulation]``).
 
-Each of the 943 users is a Flower ``NumPyClient`` that receives the shared model
-``[Q, b_I, mu]``, solves its user row in closed form, takes ``local_epochs`` steps on the rows it
-rated (the arithmetic of :class:`privrec.federated.FederatedMF`) and returns its full model with
-its example count. Flower's ``FedAvg`` averages the full models weighted by example counts, which
-equals ``FederatedMF(strategy=FedAvg(weighting="per_client"))``; the benchmark checks that.
-Run it from ``.venv-bench`` (see ``requirements.txt`` here); the book's environment never imports
-it.
+Each user is a Flower ``NumPyClient`` whose ``fit`` runs privrec's own local training for that one
+client (``FederatedMF.local_training``: closed-form user solve, ``local_epochs`` steps on its item
+rows) and returns the full shared model ``[Q, b_I, mu]`` with its example count, as Flower's
+FedAvg expects. Flower's FedAvg (weighted by example counts) then equals privrec's
+``FedAvg(weighting="per_client")``; :func:`time_flower_round` checks that. So both sides do the
+same arithmetic and the comparison measures orchestration only.
+
+Configured for speed: the legacy ``start_simulation`` entry point (no SuperLink/SuperNode
+processes), Ray backend with one actor per core (``client_resources={"num_cpus": 1}``; more
+actors than cores only adds contention), no dashboard, no evaluation rounds, logging off, one torch
+thread per actor. Seconds per round: the median of rounds 2 and 3, each timed from the server's
+``configure_fit`` to the end of ``aggregate_fit`` (Ray's start-up and round 1's actor start-up
+are excluded). Run it from ``.venv-bench`` (see ``requirements.txt``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 
@@ -24,83 +31,88 @@ from flwr.server import ServerConfig
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 from flwr.simulation import start_simulation
 
-from privrec.federated import FedAvg, FederatedMF, solve_user_ridge
+from privrec.federated import FederatedMF, FederatedSimulator
+from privrec.strategies import FedAvg
+
+SHARED = ("item_factors", "item_bias", "global_bias")
 
 
-class _CapturingFedAvg(FlowerFedAvg):
-    """Flower's FedAvg that keeps the last aggregated model, to compare with privrec's."""
+class _TimedFedAvg(FlowerFedAvg):
+    """Flower's FedAvg that timestamps each round (from configuring the clients' fit to the end of
+    aggregation) and keeps the model after round 1, to compare with privrec's."""
 
-    last: list[np.ndarray] | None = None
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.first: list[np.ndarray] | None = None
+        self.started: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.started[server_round] = time.perf_counter()
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        if parameters is not None:
-            self.last = parameters_to_ndarrays(parameters)
+        self.seconds[server_round] = time.perf_counter() - self.started[server_round]
+        if server_round == 1 and parameters is not None:
+            self.first = parameters_to_ndarrays(parameters)
         return parameters, metrics
 
 
-def _run(train: pd.DataFrame, *, n_users: int, n_items: int, dim: int, local_epochs: int,
-         rounds: int) -> tuple[float, list[np.ndarray], FederatedMF]:
-    reference = FederatedMF(train, n_users=n_users, n_items=n_items, dim=dim,
-                            local_epochs=local_epochs, strategy=FedAvg(weighting="per_client"))
-    lr, reg, bias_reg = reference.local_lr, reference.reg, reference.bias_reg
-    initial = [reference.server[k].numpy().copy()
-               for k in ("item_factors", "item_bias", "global_bias")]
-    grouped = {u: (torch.as_tensor(g["item"].to_numpy()), torch.as_tensor(g["rating"].to_numpy()))
-               for u, g in train.groupby("user")}
+class MFClient(NumPyClient):
+    """One user's device: privrec's local training for client ``cid``, full model back."""
 
-    class MFClient(NumPyClient):
-        def __init__(self, user: int) -> None:
-            self.items, self.ratings = grouped[user]
+    def __init__(self, model: FederatedMF, cid: int) -> None:
+        self.model, self.cid = model, cid
 
-        def fit(self, parameters, config):
-            q, b, mu = (torch.as_tensor(p) for p in parameters)
-            items, ratings = self.items, self.ratings
-            w = solve_user_ridge(torch.zeros(len(items), dtype=torch.long), items, ratings,
-                                 n_rows=1, item_factors=q, item_bias=b, global_bias=mu,
-                                 reg=reg, bias_reg=bias_reg)[0]
-            p, bu = w[:-1], w[-1]
-            q_rows, b_rows, m = q[items].clone(), b[items].clone(), mu.clone()
-            for _ in range(local_epochs):
-                err = ratings - (m + bu + b_rows + q_rows @ p)
-                q_rows = q_rows - lr * (-2.0 * err[:, None] * p + 2.0 * reg * q_rows)
-                b_rows = b_rows - lr * (-2.0 * err + 2.0 * bias_reg * b_rows)
-                m = m - lr * (-2.0 * err.mean())
-            q_new, b_new = q.clone(), b.clone()
-            q_new[items], b_new[items] = q_rows, b_rows
-            return [q_new.numpy(), b_new.numpy(), m.numpy()], len(items), {}
+    def fit(self, parameters, config):
+        torch.set_num_threads(1)
+        shared = {k: torch.as_tensor(p) for k, p in zip(SHARED, parameters, strict=True)}
+        up = self.model.local_training(shared, torch.tensor([self.cid]))
+        new = {k: v.clone() for k, v in shared.items()}
+        for name, part in up.rows.items():
+            new[name].index_add_(0, part.row, part.values)
+        for name, value in up.dense.items():
+            new[name] += value[0]
+        return [new[k].numpy() for k in SHARED], int(up.examples[0]), {}
+
+
+def _run(model: FederatedMF, *, rounds: int, num_cpus: float) -> tuple[float, _TimedFedAvg]:
+    initial = [v.numpy() for v in (model.shared_state()[k] for k in SHARED)]
 
     def client_fn(context: Context):
-        return MFClient(int(context.node_config["partition-id"])).to_client()
+        return MFClient(model, int(context.node_config["partition-id"])).to_client()
 
-    strategy = _CapturingFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n_users,
-                                min_available_clients=n_users, min_evaluate_clients=0,
+    n = model.n_clients
+    strategy = _TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                                min_available_clients=n, min_evaluate_clients=0,
                                 initial_parameters=ndarrays_to_parameters(initial))
     start = time.perf_counter()
-    start_simulation(client_fn=client_fn, num_clients=n_users,
-                     config=ServerConfig(num_rounds=rounds), strategy=strategy,
-                     client_resources={"num_cpus": 1, "num_gpus": 0.0},
+    start_simulation(client_fn=client_fn, num_clients=n, config=ServerConfig(num_rounds=rounds),
+                     strategy=strategy, client_resources={"num_cpus": num_cpus, "num_gpus": 0.0},
                      ray_init_args={"include_dashboard": False, "log_to_driver": False,
-                                    "logging_level": logging.ERROR})
-    seconds = time.perf_counter() - start
-    return seconds, strategy.last, reference
+                                    "logging_level": logging.ERROR,
+                                    "num_cpus": os.cpu_count()})
+    return time.perf_counter() - start, strategy
 
 
 def time_flower_round(train: pd.DataFrame, *, n_users: int, n_items: int, dim: int,
-                      local_epochs: int) -> float:
-    """Seconds per FedAvg round in Flower's simulation: (time for 2 rounds) - (time for 1).
+                      local_epochs: int, num_cpus: float = 1.0, rounds: int = 3) -> dict:
+    """Seconds per FedAvg round in Flower's simulation: the median of rounds 2.. (round 1 also
+    pays for starting the actors), each timed from configure_fit to the end of aggregate_fit.
 
     Also checks that Flower's model after one round equals privrec's per-client-weighted FedAvg.
     """
     warnings.filterwarnings("ignore")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    t1, model, reference = _run(train, n_users=n_users, n_items=n_items, dim=dim,
-                                local_epochs=local_epochs, rounds=1)
+    model = FederatedMF(train, n_users=n_users, n_items=n_items, dim=dim, local_epochs=local_epochs)
+    total, strategy = _run(model, rounds=rounds, num_cpus=num_cpus)
+    reference = FederatedSimulator(model, FedAvg(weighting="per_client"))
     reference.round()
-    gap = max(float(np.abs(a - reference.server[k].numpy()).max())
-              for a, k in zip(model, ("item_factors", "item_bias", "global_bias"), strict=True))
-    t2, _, _ = _run(train, n_users=n_users, n_items=n_items, dim=dim, local_epochs=local_epochs,
-                    rounds=2)
-    print(f"  Flower: 1 round incl. start-up {t1:.1f} s, 2 rounds {t2:.1f} s; model after one round "
-          f"matches privrec (weighting='per_client') to {gap:.1e}")
-    return max(t2 - t1, 1e-9)
+    gap = max(float(np.abs(a - reference.shared[k].numpy()).max())
+              for a, k in zip(strategy.first, SHARED, strict=True))
+    later = [strategy.seconds[r] for r in sorted(strategy.seconds) if r > 1]
+    return {"rounds": rounds, "total_with_startup_s": round(total, 2),
+            "round_s": [round(strategy.seconds[r], 2) for r in sorted(strategy.seconds)],
+            "seconds": float(np.median(later)), "max_abs_gap_vs_privrec": gap,
+            "client_resources_num_cpus": num_cpus}

@@ -14,24 +14,34 @@ from privrec.attacks import (
     true_item_sets,
 )
 from privrec.data import synthetic_movielens
-from privrec.federated import FedAvg, FederatedMF, iid_partition
+from privrec.dpfedavg import DPFedAvg
+from privrec.federated import FederatedMF, FederatedSimulator
+from privrec.partitions import iid_partition
+from privrec.primitives import clip_factors
+from privrec.strategies import FedAvg
 
 ML = synthetic_movielens(n_users=60, n_items=90, n_ratings=1500, seed=1)
 TRAIN = ML.ratings
 NU, NI = ML.n_users, ML.n_items
 
 
-def attacked(rounds: int = 3, **kwargs) -> tuple[FederatedMF, dict, dict]:
-    sim = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=4, **kwargs)
+def simulate(strategy=None, **kwargs) -> FederatedSimulator:
+    model = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=4, **kwargs)
+    return FederatedSimulator(model, strategy, keep_updates=True)
+
+
+def attacked(rounds: int = 3, strategy=None, **kwargs):
+    sim = simulate(strategy, **kwargs)
     sim.fit(rounds)
-    up = sim.last_upload
-    truth = true_item_sets(TRAIN, sim.partition.client_of_user, up["clients"].numpy())
+    up = sim.last_updates
+    truth = true_item_sets(TRAIN, sim.model.partition.client_of_user, up.clients.numpy())
     return sim, up, score_item_sets(item_set_attack(up), truth)
 
 
-def invert(sim: FederatedMF) -> pd.DataFrame:
-    return invert_ratings(sim.last_upload, sim.last_broadcast, local_lr=sim.local_lr,
-                          reg=sim.reg, bias_reg=sim.bias_reg)
+def invert(sim: FederatedSimulator) -> pd.DataFrame:
+    m = sim.model
+    return invert_ratings(sim.last_updates, sim.last_broadcast, local_lr=m.local_lr, reg=m.reg,
+                          bias_reg=m.bias_reg)
 
 
 def test_item_set_attack_is_exact_without_defence():
@@ -55,8 +65,8 @@ def test_fake_items_drive_precision_to_the_fake_rate(rho):
 
 
 def test_fake_items_cost_bandwidth():
-    plain = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=4).round()
-    padded = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=4, fake_items=1.0).round()
+    plain = simulate().round()
+    padded = simulate(fake_items=1.0).round()
     assert padded.rows_up == pytest.approx(2 * plain.rows_up, rel=0.05)
     assert padded.bytes_up > 1.9 * plain.bytes_up
 
@@ -65,8 +75,26 @@ def test_rating_inversion_recovers_every_rating():
     sim, _, _ = attacked(strategy=FedAvg(clients_per_round=25, seed=0))
     recovered = invert(sim)
     scores = score_ratings(recovered, TRAIN)
-    assert scores["n_scored"] == len(TRAIN[TRAIN["user"].isin(sim.last_upload["clients"].numpy())])
+    assert scores["n_scored"] == len(TRAIN[TRAIN["user"].isin(sim.last_updates.clients.numpy())])
     assert scores["rmse"] < 1e-3 and scores["exact"] == 1.0
+
+
+def test_central_dp_does_not_hide_the_uploads_from_the_server():
+    dp = DPFedAvg(FedAvg(), n_clients=NU, sample_rate=0.4, clip_norm=0.1, noise_multiplier=2.0)
+    sim, up, scores = attacked(strategy=dp)
+    assert bool((dp.last_norms > 0.1).any())         # clipping and noise were active
+    assert scores["precision"] >= 0.99 and scores["recall"] >= 0.99
+    assert score_ratings(invert(sim), TRAIN)["exact"] == 1.0
+
+
+def test_rating_inversion_sees_through_client_side_clipping():
+    sim, up, _ = attacked(strategy=FedAvg(clients_per_round=30, seed=1))
+    clipped = up.scaled(clip_factors(up.norms(), clip_norm=0.05))
+    assert bool((up.norms() > 0.05).all())                  # every upload was rescaled
+    kw = dict(local_lr=0.5, reg=0.1, bias_reg=0.01)
+    naive = score_ratings(invert_ratings(clipped, sim.last_broadcast, **kw), TRAIN)
+    aware = score_ratings(invert_ratings(clipped, sim.last_broadcast, rescaled=True, **kw), TRAIN)
+    assert naive["exact"] < 0.8 and aware["exact"] == 1.0 and aware["rmse"] < 1e-3
 
 
 def test_rating_inversion_degrades_under_fake_items():
@@ -75,14 +103,14 @@ def test_rating_inversion_degrades_under_fake_items():
 
 
 def test_rating_inversion_needs_cross_device_updates():
-    sim = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=4, partition=iid_partition(NU, 3))
+    sim = simulate(partition=iid_partition(NU, 3))
     sim.round()
     with pytest.raises(ValueError, match="cross-device"):
         invert(sim)
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="upload"):
+    with pytest.raises(TypeError, match="upload"):
         item_set_attack({"clients": 1})
     sim, up, _ = attacked(rounds=1)
     with pytest.raises(ValueError, match="tol"):

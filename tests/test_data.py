@@ -6,9 +6,12 @@ import pytest
 
 from privrec import data
 from privrec.data import (
+    cold_start_split,
     leave_last_out_split,
     load_movielens100k,
     random_split,
+    restrict_ids,
+    subsample_users,
     synthetic_movielens,
     validate_ratings,
 )
@@ -142,3 +145,70 @@ def test_synthetic_twin_schema_and_seed():
         synthetic_movielens(n_users=5, n_items=5, n_ratings=100)
     with pytest.raises(ValueError, match="dim"):
         synthetic_movielens(dim=0)
+
+
+def test_leave_last_out_breaks_timestamp_ties_by_item_id_whatever_the_row_order():
+    ratings = pd.DataFrame({"user": [0, 0, 0, 1, 1, 2], "item": [5, 2, 9, 1, 3, 4],
+                            "rating": np.ones(6, np.float32),
+                            "timestamp": [10, 30, 30, 7, 7, 1]})
+    train, test = leave_last_out_split(ratings)
+    assert test["item"].tolist() == [9, 3]  # ties at the latest time: the larger item id
+    assert test["user"].tolist() == [0, 1]  # user 2 has one rating: it stays in training
+    assert train[["user", "item"]].values.tolist() == [[0, 5], [0, 2], [1, 1], [2, 4]]
+    for seed in range(5):
+        shuffled = ratings.sample(frac=1.0, random_state=seed)
+        _, again = leave_last_out_split(shuffled)
+        pd.testing.assert_frame_equal(again, test)
+
+
+def test_leave_last_out_survives_a_non_unique_index(ml):
+    doubled = ml.ratings.iloc[:500].set_index(np.zeros(500, dtype=int))
+    train, test = leave_last_out_split(doubled)
+    assert len(train) + len(test) == 500
+    assert not set(zip(train["user"], train["item"], strict=True)) & set(
+        zip(test["user"], test["item"], strict=True))
+
+
+def test_cold_start_split_holds_items_out_entirely(ml):
+    split = cold_start_split(ml.ratings, n_items=ml.n_items, fraction=0.1, seed=0)
+    assert len(split.cold_items) == 168 and len(split.warm_items) == ml.n_items - 168
+    assert np.array_equal(np.union1d(split.cold_items, split.warm_items), np.arange(ml.n_items))
+    assert not np.isin(split.train["item"], split.cold_items).any()
+    assert len(split.train) + len(split.test) == len(ml.ratings)
+    # Test items are renumbered to positions among the cold items; the mapping round-trips.
+    assert split.test["item"].between(0, 167).all()
+    original = split.cold_items[split.test["item"]]
+    held = ml.ratings[np.isin(ml.ratings["item"], split.cold_items)]
+    assert np.array_equal(original, held["item"].to_numpy())
+    again = cold_start_split(ml.ratings, n_items=ml.n_items, fraction=0.1, seed=0)
+    assert np.array_equal(again.cold_items, split.cold_items)
+    other = cold_start_split(ml.ratings, n_items=ml.n_items, fraction=0.1, seed=1)
+    assert not np.array_equal(other.cold_items, split.cold_items)
+    with pytest.raises(ValueError, match="fraction"):
+        cold_start_split(ml.ratings, n_items=ml.n_items, fraction=1.0)
+    with pytest.raises(ValueError, match="fraction"):
+        cold_start_split(ml.ratings, n_items=ml.n_items, fraction=0.0001)
+
+
+def test_subsample_users_remaps_ids_and_keeps_every_rating_of_members(ml):
+    sub, members = subsample_users(ml.ratings, n_users=ml.n_users, population=100, seed=0)
+    assert len(members) == 100 and np.all(np.diff(members) > 0)
+    assert sorted(sub["user"].unique()) == list(range(100))
+    back = sub.assign(user=members[sub["user"]])
+    expected = ml.ratings[ml.ratings["user"].isin(members)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, expected)
+    with pytest.raises(ValueError, match="population"):
+        subsample_users(ml.ratings, n_users=ml.n_users, population=ml.n_users + 1)
+    with pytest.raises(TypeError, match="population"):
+        subsample_users(ml.ratings, n_users=ml.n_users, population=10.0)
+
+
+def test_restrict_ids_numbering_follows_the_given_order():
+    ratings = pd.DataFrame({"user": [0, 1, 2, 3], "item": [3, 1, 3, 2],
+                            "rating": np.ones(4, np.float32)})
+    kept = restrict_ids(ratings, column="item", ids=[3, 1])
+    assert kept["item"].tolist() == [0, 1, 0] and kept["user"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="distinct"):
+        restrict_ids(ratings, column="item", ids=[1, 1])
+    with pytest.raises(ValueError, match="column"):
+        restrict_ids(ratings, column="rating", ids=[1])

@@ -1,4 +1,6 @@
-"""privrec.dpfedavg: clipping, the noisy fixed-denominator average, sampling, accounting."""
+"""privrec.dpfedavg: the DP wrapper's clipping, noise, sampling, ledger and released model."""
+
+from __future__ import annotations
 
 import math
 
@@ -8,166 +10,233 @@ import torch
 
 from privrec.accounting import get_epsilon
 from privrec.data import random_split, synthetic_movielens
-from privrec.dpfedavg import (
-    DPFedAvg,
-    DPFederatedMF,
-    clip_updates,
-    dp_aggregate,
-    noise_multiplier_for_target,
-    poisson_sample_clients,
-    user_level_epsilon,
-)
-from privrec.federated import FederatedMF
+from privrec.dpfedavg import DPFedAvg, fit_dp_fedavg_mf, round_events
+from privrec.federated import FederatedMF, FederatedSimulator
+from privrec.ledger import PrivacyLedger
+from privrec.metrics import evaluate_ratings
+from privrec.models import BiasedMF
+from privrec.partitions import cross_device, iid_partition
+from privrec.strategies import FedAdam, FedAvg, FedAvgM
+from privrec.train import global_mean_model
+from privrec.updates import ClientUpdates, RowUpdates
+
+ML = synthetic_movielens(n_users=60, n_items=40, n_ratings=900, seed=3)
+TRAIN, TEST = random_split(ML.ratings, seed=0)
+NU, NI = ML.n_users, ML.n_items
 
 
-def test_clipping_bounds_every_row_and_keeps_small_ones():
-    updates = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
-    clipped, norms = clip_updates(updates, clip_norm=1.0)
-    assert torch.allclose(norms, torch.tensor([5.0, 0.5, 0.0]))
-    assert torch.allclose(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+def wrapper(inner=None, **kwargs) -> DPFedAvg:
+    kw = {"n_clients": NU, "sample_rate": 1.0, "clip_norm": 0.3, "noise_multiplier": 0.0} | kwargs
+    return DPFedAvg(FedAvg() if inner is None else inner, **kw)
 
 
-def test_sensitivity_of_the_clipped_sum_is_the_clip_norm():
+def sim(strategy, train=TRAIN, **kwargs) -> FederatedSimulator:
+    model = FederatedMF(train, n_users=NU, n_items=NI, dim=3, **kwargs)
+    return FederatedSimulator(model, strategy, keep_updates=True)
+
+
+def crafted(scale: float) -> ClientUpdates:
     gen = torch.Generator().manual_seed(0)
-    updates = torch.randn(50, 20, generator=gen) * 10
-    with_all = dp_aggregate(updates, clip_norm=0.5, noise_multiplier=0.0, expected_clients=10)
-    without_one = dp_aggregate(updates[1:], clip_norm=0.5, noise_multiplier=0.0, expected_clients=10)
-    # One client moves the (un-noised) average by at most C / m.
-    assert (with_all - without_one).norm() <= 0.5 / 10 + 1e-6
+    return ClientUpdates(torch.arange(5), torch.ones(5),
+                         {"t": RowUpdates(torch.arange(5), torch.arange(5),
+                                          torch.randn(5, 4, generator=gen) * scale, torch.ones(5))},
+                         {"s": torch.randn(5, generator=gen) * scale})
 
 
-def test_noise_std_is_sigma_c_over_m():
-    gen = torch.Generator().manual_seed(1)
-    zeros = torch.zeros(3, 200_000)
-    out = dp_aggregate(zeros, clip_norm=2.0, noise_multiplier=1.5, expected_clients=30, generator=gen)
-    assert abs(out.std().item() / (1.5 * 2.0 / 30) - 1) < 0.01
+# -- clipping, sensitivity and noise ------------------------------------------------------------
+
+def test_each_clients_whole_update_is_clipped_and_small_ones_kept():
+    dp = wrapper(n_clients=5, clip_norm=1.0)
+    for scale, clipped in ((10.0, True), (0.01, False)):
+        up = crafted(scale)
+        total = dp.start({"t": torch.zeros(5, 4), "s": torch.zeros(())})
+        dp.accumulate(total, up)
+        # Client k touched only row k, so row k plus its share of "s" is its clipped update.
+        norms = up.norms()
+        factor = torch.clamp(1.0 / norms, max=1.0)
+        torch.testing.assert_close(total.sums["t"], up.rows["t"].values * factor[:, None])
+        torch.testing.assert_close(total.sums["s"], (up.dense["s"] * factor).sum())
+        whole = torch.cat([total.sums["t"], (up.dense["s"] * factor)[:, None]], 1).norm(dim=1)
+        assert bool((whole <= 1.0 + 1e-5).all())
+        assert bool(torch.isclose(whole, torch.ones(5)).all()) == clipped
+        torch.testing.assert_close(dp.finish(total)["t"], total.sums["t"] / 5)
+
+
+def test_removing_one_client_moves_the_sum_by_at_most_the_clip_norm():
+    a = sim(wrapper(clip_norm=0.05))
+    a.round()
+    up = a.last_updates
+    assert bool((a.strategy.last_norms > 0.05).any())     # clipping was active
+    drop = up.clients[0]
+    keep = up.rows["item_factors"].client_pos != 0
+    pos = up.rows["item_factors"].client_pos[keep] - 1
+    rows = {k: RowUpdates(pos, p.row[keep], p.values[keep], p.examples[keep])
+            for k, p in up.rows.items()}
+    smaller = ClientUpdates(up.clients[1:], up.examples[1:], rows,
+                            {"global_bias": up.dense["global_bias"][1:]})
+    assert drop not in smaller.clients
+    sums = []
+    for u in (up, smaller):
+        total = a.strategy.start(a.shared)
+        a.strategy.accumulate(total, u)
+        sums.append(torch.cat([v.reshape(-1) for v in total.sums.values()]))
+    assert float((sums[0] - sums[1]).norm()) <= 0.05 + 1e-6
+
+
+def test_noise_std_on_untouched_coordinates_is_sigma_c_over_qn():
+    dp = wrapper(n_clients=1000, sample_rate=0.02, clip_norm=2.0, noise_multiplier=1.5)
+    total = dp.start({"t": torch.zeros(50_000, 4), "s": torch.zeros(())})
+    dp.accumulate(total, crafted(1.0))                      # touches rows 0-4 only
+    change = dp.finish(total)["t"][5:]
+    assert bool((change != 0).all())                         # noise on every untouched row
+    expected = 1.5 * 2.0 / 20
+    assert abs(float(change.std()) / expected - 1) < 0.01   # 200k draws: sd of ratio ~ 0.0016
+    assert abs(float(change.mean())) < 4 * expected / math.sqrt(change.numel())
 
 
 def test_poisson_sampling_rate():
-    gen = torch.Generator().manual_seed(2)
-    sizes = [len(poisson_sample_clients(1000, sample_rate=0.05, generator=gen)) for _ in range(200)]
-    mean = sum(sizes) / len(sizes)
-    assert abs(mean - 50) < 3  # std of the mean ~ sqrt(47.5 / 200) ~ 0.5
-    assert len(poisson_sample_clients(7, sample_rate=1.0)) == 7
+    dp = wrapper(n_clients=1000, sample_rate=0.05, seed=2)
+    sizes = [len(dp.sample(1000)) for _ in range(200)]
+    assert abs(np.mean(sizes) - 50) < 2       # sd of the mean ~ 0.49
+    assert np.std(sizes) == pytest.approx(math.sqrt(47.5), rel=0.25)
+    with pytest.raises(ValueError, match="n_clients"):
+        dp.sample(999)
 
 
-def test_accounting_round_trip():
-    sigma = noise_multiplier_for_target(target_epsilon=4.0, delta=1e-3, n_clients=1000,
-                                        clients_per_round=50, rounds=100)
-    eps = user_level_epsilon(noise_multiplier=sigma, sample_rate=0.05, rounds=100, delta=1e-3)
-    assert eps <= 4.0 and eps > 3.9
-    assert eps == get_epsilon(noise_multiplier=sigma, sample_rate=0.05, steps=100, delta=1e-3)
+# -- the ledger --------------------------------------------------------------------------------
+
+def test_reported_epsilon_is_the_ledger_composition_and_hits_the_target():
+    result = fit_dp_fedavg_mf(TRAIN, n_users=NU, n_items=NI, target_epsilon=4.0, rounds=10,
+                              sample_rate=0.3, clip_norm=0.5, dim=3, test=TEST)
+    sigma = result.ledger.events[0].noise_multiplier
+    assert result.ledger.unit == "user" and result.ledger.delta == 1e-4    # 60 users
+    assert result.ledger.events[0].count == 10 and result.ledger.events[0].sample_rate == 0.3
+    assert 3.95 < result.epsilon <= 4.0
+    fresh = PrivacyLedger(unit="user", n_units=NU)
+    fresh.record_gaussian("x", noise_multiplier=sigma, sample_rate=0.3, count=10)
+    assert result.epsilon == fresh.epsilon()
+    assert result.epsilon == pytest.approx(get_epsilon(noise_multiplier=sigma, sample_rate=0.3,
+                                                       steps=10, delta=1e-4), rel=1e-9)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: clip_updates(torch.zeros(2, 2), clip_norm=0), "clip_norm"),
-    (lambda: clip_updates(torch.zeros(2), clip_norm=1), "2-D"),
-    (lambda: clip_updates(torch.full((1, 2), math.nan), clip_norm=1), "NaN"),
-    (lambda: dp_aggregate(torch.zeros(1, 2), clip_norm=1, noise_multiplier=-1, expected_clients=1),
-     "noise_multiplier"),
-    (lambda: dp_aggregate(torch.zeros(1, 2), clip_norm=1, noise_multiplier=1, expected_clients=0),
-     "expected_clients"),
-    (lambda: poisson_sample_clients(10, sample_rate=0), "sample_rate"),
-    (lambda: noise_multiplier_for_target(target_epsilon=1, delta=1e-5, n_clients=10,
-                                         clients_per_round=20, rounds=5), "clients_per_round"),
-])
-def test_bad_inputs(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
-
-
-# -- DP-FedAvg on the federated MF simulator ------------------------------------------------------
-
-
-
-@pytest.fixture(scope="module")
-def syn():
-    ml = synthetic_movielens(n_users=60, n_items=40, n_ratings=900, seed=3)
-    train, test = random_split(ml.ratings, seed=0)
-    return ml, train, test
-
-
-def _sim(syn, **strategy):
-    ml, train, _ = syn
-    kw = {"clients_per_round": ml.n_users, "clip_norm": 0.3, "noise_multiplier": 0.0} | strategy
-    return DPFederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, dim=3,
-                         strategy=DPFedAvg(**kw))
-
-
-def test_sparse_aggregation_equals_dense_clipped_average(syn):
-    sim = _sim(syn)
-    sim.round()
-    up = sim.last_upload
-    n = len(up["clients"])
-    dense = torch.zeros(n, sim.n_items * (sim.dim + 1) + 1)
-    rows = dense[:, :-1].reshape(n, sim.n_items, sim.dim + 1)
-    rows[up["pair_client"], up["pair_item"], :-1] = up["item_factors"]
-    rows[up["pair_client"], up["pair_item"], -1] = up["item_bias"]
-    dense[:, :-1] = rows.reshape(n, -1)
-    dense[:, -1] = up["global_bias"]
-    expected = dp_aggregate(dense, clip_norm=0.3, noise_multiplier=0.0, expected_clients=60)
-    change = sim.strategy.aggregate(up, n_items=sim.n_items, dim=sim.dim)
-    got = torch.cat([torch.cat([change["item_factors"], change["item_bias"][:, None]], 1).reshape(-1),
-                     change["global_bias"].reshape(1)])
-    assert torch.allclose(got, expected, atol=1e-6)
-    assert (sim.strategy.last_norms > 0.3).any()  # clipping was active in this check
-
-
-def test_noise_lands_on_every_row(syn):
-    sim = _sim(syn, noise_multiplier=1.0, clients_per_round=30)
-    sim.round()
-    change = sim.strategy.aggregate(sim.last_upload, n_items=sim.n_items, dim=sim.dim)
-    rated = torch.zeros(sim.n_items, dtype=torch.bool)
-    rated[sim.last_upload["pair_item"]] = True
-    assert (change["item_factors"][~rated] != 0).all() or rated.all()
-    assert (change["item_bias"] != 0).all()
-
-
-def test_dp_training_spends_the_planned_epsilon(syn):
-    ml, _, test = syn
-    sigma = noise_multiplier_for_target(target_epsilon=4.0, delta=1e-3, n_clients=60,
-                                        clients_per_round=20, rounds=10)
-    sim = _sim(syn, clients_per_round=20, noise_multiplier=sigma)
-    history = sim.fit(10, test=test, eval_every=5)
-    assert 3.9 < sim.strategy.epsilon(1e-3) <= 4.0
-    assert len(history.test_rmse) == 2 and all(np.isfinite(history.test_rmse))
-    # User rows never reach the server object.
-    assert set(sim.server) == {"item_factors", "item_bias", "global_bias"}
-
-
-def test_without_clipping_or_noise_it_is_uniform_fedavg(syn):
-    ml, train, _ = syn
-    sim = _sim(syn, clip_norm=1e9)
-    ref = FederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, dim=3)
-    sim.round()
-    ref.round()
-    up = sim.last_upload
-    # Same local training; the DP server divides the summed rows by m (untouched rows count 0).
-    assert torch.allclose(up["item_factors"], ref.last_upload["item_factors"])
-    expected = torch.zeros(ml.n_items, 3).index_add_(0, up["pair_item"], up["item_factors"]) / 60
-    change = sim.strategy.aggregate(up, n_items=ml.n_items, dim=3)
-    assert torch.allclose(change["item_factors"], expected, atol=1e-7)
-
-
-def test_dp_strategy_rejects_bad_parameters(syn):
-    with pytest.raises(ValueError, match="clip_norm"):
-        DPFedAvg(clients_per_round=5, clip_norm=0.0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        DPFedAvg(clients_per_round=5, clip_norm=1.0, noise_multiplier=-0.5)
-    with pytest.raises(ValueError, match="server_momentum"):
-        DPFedAvg(clients_per_round=5, clip_norm=1.0, noise_multiplier=1.0, server_momentum=1.0)
-    with pytest.raises(ValueError, match="clients_per_round"):
-        _sim(syn, clients_per_round=61)
-    ml, train, _ = syn
-    with pytest.raises(TypeError, match="DPFedAvg"):
-        DPFederatedMF(train, n_users=ml.n_users, n_items=ml.n_items, strategy=None)
-
-
-def test_rounds_with_nobody_sampled_release_noise_only(syn):
-    sim = _sim(syn, clients_per_round=1, noise_multiplier=1.0)
-    before = sim.server["item_bias"].clone()
-    records = [sim.round() for _ in range(8)]
+def test_every_round_is_recorded_even_empty_ones_and_sigma_zero_is_infinite():
+    s = sim(wrapper(sample_rate=1 / 60, noise_multiplier=1.0))
+    before = s.shared["item_bias"].clone()
+    records = [s.round() for _ in range(8)]
     empty = [r for r in records if len(r.clients) == 0]
     assert empty, "with q = 1/60 some of 8 rounds sample nobody (seeded)"
-    assert empty[0].bytes_up == 0 and not torch.equal(sim.server["item_bias"], before)
-    assert sim.strategy.accountant.steps == 8
+    assert empty[0].bytes_up == 0 and not torch.equal(s.shared["item_bias"], before)
+    assert s.ledger.events[0].count == 8
+    free = sim(wrapper())
+    free.round()
+    assert free.ledger.epsilon() == math.inf and free.ledger.events[0].count == 1
+
+
+def test_silo_partition_records_silo_level_and_units_must_match():
+    part = iid_partition(NU, 6, seed=0)
+    dp = wrapper(n_clients=6, unit="silo", sample_rate=0.5, noise_multiplier=1.0)
+    s = sim(dp, partition=part)
+    s.round()
+    assert s.ledger.unit == "silo" and s.ledger.n_units == 6
+    with pytest.raises(ValueError, match="silo"):
+        sim(wrapper(n_clients=6, sample_rate=0.5), partition=part)     # unit "user" on silos
+
+
+# -- neighbouring datasets and the released model -----------------------------------------------
+
+@pytest.mark.parametrize("partition", [None, iid_partition(NU, 6, seed=0)])
+def test_server_view_before_the_first_release_is_identical_on_neighbours(partition):
+    n_clients = NU if partition is None else 6
+    unit = "user" if partition is None else "silo"
+    views = []
+    for train in (TRAIN, TRAIN[TRAIN["user"] != 11]):
+        dp = wrapper(n_clients=n_clients, unit=unit, sample_rate=0.5, noise_multiplier=1.0)
+        s = sim(dp, train=train, partition=partition)
+        views.append(({k: v.clone() for k, v in s.shared.items()}, dp.sample(n_clients),
+                      dp.expected_clients))
+    (shared_a, cohort_a, m_a), (shared_b, cohort_b, m_b) = views
+    assert all(torch.equal(shared_a[k], shared_b[k]) for k in shared_a)
+    assert torch.equal(cohort_a, cohort_b) and m_a == m_b
+    assert float(shared_a["global_bias"]) == 3.0          # public constant, not the data mean
+
+
+def test_released_model_path_end_to_end():
+    plain = fit_dp_fedavg_mf(TRAIN, n_users=NU, n_items=NI, target_epsilon=math.inf, rounds=15,
+                             sample_rate=0.5, clip_norm=1.0, dim=3, test=TEST,
+                             strategy=FedAvg(server_lr=2.0))
+    noisy = fit_dp_fedavg_mf(TRAIN, n_users=NU, n_items=NI, target_epsilon=0.05, rounds=15,
+                             sample_rate=0.5, clip_norm=1.0, dim=3, test=TEST,
+                             strategy=FedAvg(server_lr=2.0))
+    assert isinstance(plain.model, BiasedMF) and plain.epsilon == math.inf
+    for result in (plain, noisy):   # the reported RMSE is the released model's
+        assert evaluate_ratings(result.model, TEST)["rmse"] == pytest.approx(
+            result.history["test_rmse"][-1])
+    baseline = evaluate_ratings(global_mean_model(TRAIN, n_users=NU, n_items=NI), TEST)["rmse"]
+    assert plain.history["test_rmse"][-1] < baseline
+    assert noisy.history["test_rmse"][-1] > plain.history["test_rmse"][-1] + 0.05
+    assert noisy.epsilon <= 0.05
+
+
+@pytest.mark.parametrize("inner", ["FedAvgM", "FedAdam"])
+def test_wrapper_hands_the_noisy_mean_to_the_inner_optimiser(inner):
+    make = {"FedAvgM": lambda: FedAvgM(server_momentum=0.6, server_lr=1.5),
+            "FedAdam": lambda: FedAdam(server_lr=0.05)}[inner]
+    s = sim(wrapper(make(), clip_norm=1e9, sample_rate=1.0))
+    reference, shared = make(), {k: v.clone() for k, v in s.shared.items()}
+    for _ in range(3):
+        s.round()
+        up = s.last_updates
+        mean = {"item_factors": torch.zeros(NI, 3).index_add_(
+                    0, up.rows["item_factors"].row, up.rows["item_factors"].values) / NU,
+                "item_bias": torch.zeros(NI).index_add_(
+                    0, up.rows["item_bias"].row, up.rows["item_bias"].values) / NU,
+                "global_bias": up.dense["global_bias"].sum() / NU}
+        reference.step(shared, mean)      # uniform mean over N clients (no clipping, no noise)
+    for k in shared:
+        torch.testing.assert_close(s.shared[k], shared[k], atol=1e-6, rtol=1e-5)
+
+
+def test_noise_seed_and_chunking():
+    def run(chunk):
+        model = FederatedMF(TRAIN, n_users=NU, n_items=NI, dim=3)
+        s = FederatedSimulator(model, wrapper(sample_rate=0.5, noise_multiplier=0.7, seed=3),
+                               chunk_ratings=chunk)
+        s.fit(3)
+        return s.shared
+    a, b = run(1 << 20), run(30)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_calibrated_and_round_events():
+    dp = DPFedAvg.calibrated(FedAvg(), target_epsilon=2.0, rounds=30, n_clients=NU,
+                             sample_rate=0.2, clip_norm=1.0)
+    ledger = PrivacyLedger(unit="user", n_units=NU)
+    for event in round_events(dp.noise_multiplier, sample_rate=0.2, rounds=30):
+        ledger.record(event)
+    assert 1.98 < ledger.epsilon() <= 2.0
+    assert DPFedAvg.calibrated(FedAvg(), target_epsilon=math.inf, rounds=3, n_clients=NU,
+                               sample_rate=0.2, clip_norm=1.0).noise_multiplier == 0.0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(clip_norm=0.0), ValueError, "clip_norm"),
+    (dict(noise_multiplier=-0.5), ValueError, "noise_multiplier"),
+    (dict(sample_rate=0.0), ValueError, "sample_rate"),
+    (dict(sample_rate=1.5), ValueError, "sample_rate"),
+    (dict(n_clients=0), ValueError, "n_clients"),
+    (dict(unit="rating"), ValueError, "unit"),
+    (dict(delta=0.5), ValueError, "delta"),
+    (dict(seed=-1), ValueError, "seed"),
+])
+def test_bad_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        wrapper(**kwargs)
+
+
+def test_bad_strategies():
+    with pytest.raises(TypeError, match="strategy"):
+        DPFedAvg("fedavg", n_clients=NU, sample_rate=0.1, clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        wrapper(FedAvg(clients_per_round=5))
+    assert cross_device(NU).privacy_unit == "user"

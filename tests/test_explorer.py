@@ -25,7 +25,8 @@ def _page():
     body = explorer_html(_records(), controls=["epsilon", "clients"], series="clients",
                          metrics={"rmse": "test RMSE", "ndcg": "NDCG@10"},
                          references=[{"label": "biases", "rmse": 0.95}],
-                         initial={"epsilon": 1.0, "clients": 10}, title="demo")
+                         initial={"epsilon": 1.0, "clients": 10}, title="demo",
+                         epsilon_label="user-level ε (δ = 1e-5)")
     return f"<!doctype html><html><body>{body}</body></html>"
 
 
@@ -35,6 +36,17 @@ def test_html_is_self_contained():
     assert "https://" not in page and "<script src" not in page
     spec = page.split('<script type="application/json">')[1].split("</script>")[0]
     assert json.loads(spec)["values"]["epsilon"] == [1.0, 4.0, None]
+    assert json.loads(spec)["epsilonLabel"] == "user-level ε (δ = 1e-5)"
+
+
+def test_values_are_ordered_with_the_non_private_end_last_whatever_the_record_order():
+    records = _records()
+    spec_of = [explorer_html(r, controls=["epsilon", "clients"], metrics={"rmse": "RMSE"})
+               .split('<script type="application/json">')[1].split("</script>")[0]
+               for r in (records, records[::-1])]
+    values = [json.loads(s)["values"] for s in spec_of]
+    assert values[0] == values[1] == {"epsilon": [1.0, 4.0, None], "clients": [10, 100]}
+    assert '"epsilonLabel": "\\u03b5"' in spec_of[0]  # the default label: plain epsilon
 
 
 def test_bad_specs_are_rejected():
@@ -44,6 +56,12 @@ def test_bad_specs_are_rejected():
         explorer_html(_records(), controls=["clients"], metrics={"rmse": "RMSE"})
     with pytest.raises(ValueError, match="lacks"):
         explorer_html(_records(), controls=["epsilon", "missing"], metrics={"rmse": "RMSE"})
+    twice = _records() + [dict(_records()[0], rmse=0.5)]
+    with pytest.raises(ValueError, match="same configuration"):
+        explorer_html(twice, controls=["epsilon", "clients"], metrics={"rmse": "RMSE"})
+    with pytest.raises(ValueError, match=r"initial\['clients'\]"):
+        explorer_html(_records(), controls=["epsilon", "clients"], metrics={"rmse": "RMSE"},
+                      initial={"clients": 50})
 
 
 def _chromium():
@@ -76,6 +94,7 @@ def test_moving_the_epsilon_control_changes_the_plot(tmp_path):
 
         before = state()
         assert before[0]["epsilon"] == 1.0 and before[0]["clients"] == 10
+        assert page.locator(".privrec-xlabel").text_content() == "user-level ε (δ = 1e-5)"
         page.eval_on_selector('input[name="epsilon"]',
                               "el => { el.value = 2; el.dispatchEvent(new Event('input')); }")
         after = state()

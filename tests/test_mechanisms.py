@@ -5,6 +5,7 @@ Tolerances are z = 5 standard errors unless stated (false-alarm probability ~6e-
 
 from __future__ import annotations
 
+import doctest
 import math
 import random
 from fractions import Fraction
@@ -14,6 +15,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
+from privrec import discrete, empirical, local_dp, mechanisms
 from privrec.mechanisms import (
     add_gaussian_noise,
     analytic_gaussian_sigma,
@@ -69,6 +71,19 @@ def test_laplace_mean_and_variance(kind):
 def test_laplace_scale_divides_by_epsilon():
     assert laplace_scale(sensitivity=1.0, epsilon=0.1) == pytest.approx(10.0)
     assert laplace_scale(sensitivity=4.0, epsilon=2.0) == pytest.approx(2.0)
+
+
+def test_doctests_of_the_mechanism_modules():
+    for module in (mechanisms, local_dp, discrete, empirical):
+        result = doctest.testmod(module)
+        assert result.failed == 0, module.__name__
+    assert doctest.testmod(mechanisms).attempted >= 4
+
+
+def test_public_names_are_importable_from_mechanisms():
+    for name in mechanisms.__all__:
+        assert callable(getattr(mechanisms, name)), name
+    assert mechanisms.randomized_response is local_dp.randomized_response
 
 
 def test_laplace_keeps_kind_dtype_and_is_reproducible():
@@ -263,7 +278,7 @@ def test_clip_rows(kind):
     x = rng.normal(size=(50, 3, 2)) * rng.uniform(0.1, 5, size=(50, 1, 1))
     data = x if kind == "numpy" else torch.from_numpy(x)
     for clip, order in ((clip_rows_l2, 2), (clip_rows_l1, 1)):
-        out = np.asarray(clip(data, max_norm=1.5))
+        out = np.asarray(clip(data, clip_norm=1.5))
         norms_in = np.linalg.norm(x.reshape(50, -1), ord=order, axis=1)
         norms_out = np.linalg.norm(out.reshape(50, -1), ord=order, axis=1)
         assert np.all(norms_out <= 1.5 + 1e-12)
@@ -277,14 +292,17 @@ def test_clip_rows(kind):
 
 
 def test_clip_rows_is_differentiable():
-    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]], requires_grad=True)
-    clip_rows_l2(x, max_norm=1.0).sum().backward()
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], requires_grad=True)
+    out = clip_rows_l2(x, clip_norm=1.0)
+    out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    # the zero row stays zero (the one zero-guard of privrec.primitives.clip_factors)
+    torch.testing.assert_close(out.detach(), torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
 
 
 def test_sensitivity_helpers():
-    assert clipped_sum_sensitivity(max_norm=2.0) == 2.0
-    assert clipped_sum_sensitivity(max_norm=2.0, relation="replace") == 4.0
+    assert clipped_sum_sensitivity(clip_norm=2.0) == 2.0
+    assert clipped_sum_sensitivity(clip_norm=2.0, relation="replace") == 4.0
     assert count_sensitivity() == 1.0 and count_sensitivity(max_contributions=20) == 20.0
     assert sum_sensitivity(lower=1.0, upper=5.0) == 5.0
     assert sum_sensitivity(lower=1.0, upper=5.0, relation="replace") == 4.0
@@ -344,10 +362,10 @@ def test_other_bad_inputs():
         k_randomized_response(np.array([0, 3]), k=3, epsilon=1.0, seed=0)
     with pytest.raises(ValueError, match="calibration"):
         gaussian_mechanism(0.0, sensitivity=1, epsilon=1, delta=1e-5, calibration="textbook")
-    with pytest.raises(ValueError, match="max_norm"):
-        clip_rows_l2(np.ones((2, 2)), max_norm=0.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        clip_rows_l2(np.ones((2, 2)), clip_norm=0.0)
     with pytest.raises(ValueError, match="relation"):
-        clipped_sum_sensitivity(max_norm=1.0, relation="swap")
+        clipped_sum_sensitivity(clip_norm=1.0, relation="swap")
     with pytest.raises(ValueError, match="sensitivity"):
         discrete_laplace_mechanism(np.array([1]), sensitivity=0, epsilon=1.0)
     with pytest.raises(ValueError, match="integer"):

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from privrec.data import leave_last_out_split, random_split, synthetic_movielens
-from privrec.metrics import evaluate_ratings, mae, ranking_metrics, rmse
+from privrec.metrics import (
+    canonical_order,
+    evaluate_ranking,
+    evaluate_ratings,
+    heldout_ndcg,
+    mae,
+    ranking_metrics,
+    rmse,
+    top_k,
+)
 from privrec.models import BiasedMF
 from privrec.train import (
     fit_bias_baseline,
@@ -84,6 +93,8 @@ def test_ranking_metrics_by_hand():
     assert ranking_metrics(torch.ones(2, 4), train, test, k=1)["hr"] == 0.0
     with pytest.raises(ValueError, match="k must be"):
         ranking_metrics(scores, train, test, k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ranking_metrics(scores, train, test, k=1.5)
     with pytest.raises(ValueError, match="also in train"):
         ranking_metrics(scores, train, train)
     with pytest.raises(ValueError, match="scores contains NaN"):
@@ -151,15 +162,13 @@ def test_fit_rejects_mismatched_data(syn):
 
 
 def test_heldout_ndcg_by_hand():
-    from privrec.metrics import heldout_ndcg
-
     model = BiasedMF(2, 3, 0)
     with torch.no_grad():
         model.item_bias.copy_(torch.tensor([3.0, 2.0, 1.0]))  # predicted order: item 0, 1, 2
     test = pd.DataFrame({"user": [0, 0, 0, 1], "item": [0, 1, 2, 0], "rating": [1.0, 5.0, 3.0, 4.0]})
     gains = np.array([2**1 - 1, 2**5 - 1, 2**3 - 1], dtype=float)
     disc = 1 / np.log2(np.arange(3) + 2)
-    expected = (gains * disc).sum() / (np.sort(gains)[::-1] * disc).sum()
+    expected = (gains * disc).sum() / (np.sort(gains, kind="stable")[::-1] * disc).sum()
     assert heldout_ndcg(model, test, k=10) == pytest.approx(expected)  # user 1 (one rating) skipped
     with torch.no_grad():
         model.item_bias.copy_(torch.tensor([1.0, 3.0, 2.0]))  # the ideal order
@@ -181,3 +190,61 @@ def test_cached_json_memoises_and_keys_on_config(tmp_path):
     again = book.cached_json("demo", {"a": 1}, compute, modules=(book,), cache_dir=tmp_path)
     other = book.cached_json("demo", {"a": 2}, compute, modules=(book,), cache_dir=tmp_path)
     assert first == again == other and first["eps"] == math.inf and len(calls) == 2
+
+
+def test_top_k_breaks_ties_by_smaller_id():
+    scores = np.array([1.0, 3.0, 3.0, 2.0, 3.0])
+    assert top_k(scores, 3).tolist() == [1, 2, 4]
+    assert top_k(scores, 5).tolist() == [1, 2, 4, 3, 0]
+    # Many ties: the answer is the id order, whatever the sort kernel does with equal keys.
+    assert top_k(np.zeros(1000), 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 5\]"):
+        top_k(scores, 6)
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        top_k([1.0, float("nan")], 1)
+
+
+def _permuted(frame, seed):
+    return frame.iloc[np.random.default_rng(seed).permutation(len(frame))].reset_index(drop=True)
+
+
+def test_results_do_not_depend_on_row_order(syn):
+    """Every metric and the closed-form baseline give bit-identical answers on permuted rows."""
+    ml, train, test = syn
+    kw = {"n_users": ml.n_users, "n_items": ml.n_items}
+    model = BiasedMF(ml.n_users, ml.n_items, 4, global_mean=3.5, seed=0)
+    # Coarse scores with many ties, so the tie rule matters.
+    with torch.no_grad():
+        scores = (model.score_all() * 4).round()
+    assert len(torch.unique(scores)) < scores.numel() / 10
+    tied = BiasedMF(ml.n_users, ml.n_items, 0)  # three predicted values: ties inside every user
+    with torch.no_grad():
+        tied.item_bias.copy_(torch.arange(ml.n_items) % 3)
+    for seed in range(3):
+        p_train, p_test = _permuted(train, seed), _permuted(test, seed + 10)
+        assert ranking_metrics(scores, p_train, p_test) == ranking_metrics(scores, train, test)
+        assert evaluate_ranking(model, p_train, p_test) == evaluate_ranking(model, train, test)
+        assert evaluate_ratings(model, p_test) == evaluate_ratings(model, test)
+        assert heldout_ndcg(model, p_test) == heldout_ndcg(model, test)
+        assert heldout_ndcg(tied, p_test) == heldout_ndcg(tied, test)
+        a, b = fit_bias_baseline(p_train, **kw), fit_bias_baseline(train, **kw)
+        assert torch.equal(a.item_bias, b.item_bias) and torch.equal(a.user_bias, b.user_bias)
+        assert torch.equal(popularity_scores(p_train, **kw), popularity_scores(train, **kw))
+        assert canonical_order(p_train).reset_index(drop=True).equals(
+            canonical_order(train).reset_index(drop=True))
+
+
+def test_pessimistic_tie_rule_is_order_free():
+    # Item 2 (the test item) ties with items 0 and 3: its rank is 1 (item 1 higher) + 2 ties = 3.
+    train = pd.DataFrame({"user": [0], "item": [4], "rating": [5.0]})
+    test = pd.DataFrame({"user": [0], "item": [2], "rating": [5.0]})
+    scores = torch.tensor([[1.0, 2.0, 1.0, 1.0, 9.0]])
+    assert ranking_metrics(scores, train, test, k=3)["hr"] == 0.0
+    out = ranking_metrics(scores, train, test, k=4)
+    assert out["hr"] == 1.0 and out["ndcg"] == pytest.approx(1 / math.log2(5))
+    # Relabelling the items (moving the tied candidates after the test item) changes nothing.
+    perm = torch.tensor([4, 3, 1, 0, 2])  # new id of each old item
+    relabelled = torch.empty_like(scores)
+    relabelled[0, perm] = scores[0]
+    moved = ranking_metrics(relabelled, train.assign(item=[2]), test.assign(item=[1]), k=4)
+    assert moved == out

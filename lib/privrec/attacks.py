@@ -2,7 +2,9 @@
 
 The source article says that keeping data on the clients "effectively prevents data leakage". For
 matrix factorisation the opposite is easy to measure. The server follows the protocol of
-:class:`~privrec.federated.FederatedMF` exactly and only looks at what it receives:
+:class:`~privrec.federated.FederatedMF` exactly and only looks at what it receives, a
+:class:`~privrec.updates.ClientUpdates` (the simulator keeps the last one with
+``keep_updates=True``):
 
 * :func:`item_set_attack` — the rows of the item table that a client's update changes are the
   items it rated (the gradient of a rating touches only its item's row). Scored against the truth
@@ -15,8 +17,11 @@ matrix factorisation the opposite is easy to measure. The server follows the pro
 
 Defences live in the protocol: ``FederatedMF(upload="dense")`` (does *not* help: unrated rows
 arrive as exact zeros) and ``FederatedMF(fake_items=rho)`` (FedRec, Lin et al. 2020), which drives
-the item-set precision down to :math:`1/(1+\\rho)` at a utility and bandwidth cost. Hiding the
-individual update itself needs secure aggregation (Bonawitz et al. 2017) or differential privacy.
+the item-set precision down to :math:`1/(1+\\rho)` at a utility and bandwidth cost. Central DP
+(:class:`~privrec.dpfedavg.DPFedAvg`) does *not* hide the uploads either: it clips on the server
+(server-side fixed clipping), so the server receives the raw updates and both attacks run on them
+unchanged; clipped on the client, an update keeps its item set (clipping rescales, it does not
+zero rows) and ``invert_ratings(..., rescaled=True)`` solves for the unknown scale as well. Hiding the individual update needs secure aggregation (Bonawitz et al. 2017) or local noise.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+
+from .checks import positive
+from .updates import ClientUpdates
 
 __all__ = [
     "item_set_attack",
@@ -34,14 +42,16 @@ __all__ = [
 ]
 
 
-def _check_upload(upload: object) -> dict[str, torch.Tensor]:
-    needed = ("clients", "pair_client", "pair_item", "item_factors", "item_bias")
-    if not isinstance(upload, dict) or any(k not in upload for k in needed):
-        raise ValueError(f"upload must be FederatedMF.last_upload, a dict with keys {needed}")
+def _check_upload(upload: object) -> ClientUpdates:
+    if not isinstance(upload, ClientUpdates):
+        raise TypeError(f"upload must be a ClientUpdates, got {type(upload).__name__}")
+    if not {"item_factors", "item_bias"} <= set(upload.rows):
+        raise ValueError("upload must carry row updates of item_factors and item_bias (an MF "
+                         "upload)")
     return upload
 
 
-def item_set_attack(upload: dict[str, torch.Tensor], *, tol: float = 0.0) -> pd.DataFrame:
+def item_set_attack(upload: ClientUpdates, *, tol: float = 0.0) -> pd.DataFrame:
     """The items the server infers each client rated: rows whose uploaded change is non-zero.
 
     Works the same on sparse and dense uploads (a dense upload's other rows are exact zeros).
@@ -49,7 +59,8 @@ def item_set_attack(upload: dict[str, torch.Tensor], *, tol: float = 0.0) -> pd.
     Parameters
     ----------
     upload:
-        :attr:`FederatedMF.last_upload <privrec.federated.FederatedMF.last_upload>`.
+        One round's uploads, e.g. :attr:`FederatedSimulator.last_updates
+        <privrec.federated.FederatedSimulator.last_updates>`.
     tol:
         A row counts as changed when the largest absolute change in it exceeds ``tol``.
 
@@ -60,11 +71,12 @@ def item_set_attack(upload: dict[str, torch.Tensor], *, tol: float = 0.0) -> pd.
     upload = _check_upload(upload)
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
-    change = torch.maximum(upload["item_factors"].abs().amax(1), upload["item_bias"].abs())
+    rows, bias = upload.rows["item_factors"], upload.rows["item_bias"]
+    change = torch.maximum(rows.values.abs().amax(1), bias.values.abs())
     changed = change > tol
-    clients = upload["clients"][upload["pair_client"][changed]]
+    clients = upload.clients[rows.client_pos[changed]]
     return pd.DataFrame({"client": clients.numpy().astype(np.int64),
-                         "item": upload["pair_item"][changed].numpy().astype(np.int64)})
+                         "item": rows.row[changed].numpy().astype(np.int64)})
 
 
 def true_item_sets(train: pd.DataFrame, client_of_user: np.ndarray,
@@ -98,9 +110,37 @@ def score_item_sets(predicted: pd.DataFrame, truth: pd.DataFrame) -> dict[str, f
     }
 
 
-def invert_ratings(upload: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor], *,
-                   local_lr: float, reg: float, bias_reg: float,
-                   local_epochs: int = 1) -> pd.DataFrame:
+def _factor_and_scale(a: torch.Tensor, g: torch.Tensor, q0: torch.Tensor, b0: torch.Tensor,
+                      position: torch.Tensor, n_clients: int, *, local_lr: float, reg: float,
+                      bias_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each client's :math:`p_u` and unknown scale :math:`f_u` from its rescaled upload.
+
+    With :math:`c_i = 2\\eta\\lambda_b b_i`, :math:`k = 2\\eta\\lambda` and :math:`w = f p`, every
+    uploaded row gives :math:`d` linear equations :math:`g_i = a_i p + c_i w - k f q_i`; the
+    :math:`2d+1` unknowns :math:`(p, w, f)` are solved by least squares (normal equations summed
+    over the client's rows; needs about 3 rows or more).
+    """
+    d = q0.shape[1]
+    eye = torch.eye(d, dtype=torch.double)
+    c, k = 2 * local_lr * bias_reg * b0, 2 * local_lr * reg
+    blocks = torch.zeros(len(a), 2 * d + 1, 2 * d + 1, dtype=torch.double)
+    blocks[:, :d, :d] = a[:, None, None] ** 2 * eye
+    blocks[:, :d, d:2 * d] = blocks[:, d:2 * d, :d] = (a * c)[:, None, None] * eye
+    blocks[:, d:2 * d, d:2 * d] = c[:, None, None] ** 2 * eye
+    blocks[:, :d, -1] = blocks[:, -1, :d] = -k * a[:, None] * q0
+    blocks[:, d:2 * d, -1] = blocks[:, -1, d:2 * d] = -k * c[:, None] * q0
+    blocks[:, -1, -1] = k * k * q0.square().sum(1)
+    rhs = torch.cat([a[:, None] * g, c[:, None] * g, -k * (q0 * g).sum(1, keepdim=True)], 1)
+    gram = torch.zeros(n_clients, 2 * d + 1, 2 * d + 1, dtype=torch.double).index_add_(
+        0, position, blocks)
+    target = torch.zeros(n_clients, 2 * d + 1, dtype=torch.double).index_add_(0, position, rhs)
+    z = torch.linalg.lstsq(gram, target[:, :, None]).solution[:, :, 0]
+    return z[:, :d], z[:, -1]
+
+
+def invert_ratings(upload: ClientUpdates, broadcast: dict[str, torch.Tensor], *,
+                   local_lr: float, reg: float, bias_reg: float, local_epochs: int = 1,
+                   rescaled: bool = False) -> pd.DataFrame:
     """Recover each client's ratings from one round of cross-device FedAvg updates.
 
     Assumes the public protocol of :class:`~privrec.federated.FederatedMF` with one client per
@@ -117,38 +157,53 @@ def invert_ratings(upload: dict[str, torch.Tensor], broadcast: dict[str, torch.T
     :math:`r_{ui} = e_{ui} + \\mu + b_u + b_i + p_u^\\top q_i`. The same information lets FedMF's
     server solve for ratings from two consecutive gradients (Chai et al. 2020).
 
+    With ``rescaled=True`` each client's upload may have been multiplied by an unknown factor
+    :math:`f_u` (clipping on the device, :math:`f_u=\\min(1, C/\\lVert\\Delta_u\\rVert)`): the
+    server solves for :math:`f_u` too (:func:`_factor_and_scale`), so clipping does not hide the
+    ratings either.
+
     ``local_epochs`` is the protocol's public setting; only 1 is supported (several local steps
     make the map from ratings to update non-linear: invert it by optimisation, as in DLG).
 
     Returns
     -------
     ``DataFrame(client, item, rating)`` with the recovered (unclamped) ratings of every uploaded row.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an upload that is not an MF ``ClientUpdates`` or aggregates several users per client,
+        ``local_epochs`` other than 1, or a non-positive constant.
     """
     upload = _check_upload(upload)
     if local_epochs != 1:
         raise ValueError(f"local_epochs must be 1 for this exact inversion, got {local_epochs!r}; "
                          "multi-step updates need an optimisation attack (Zhu et al. 2019)")
-    for name, value in (("local_lr", local_lr), ("reg", reg), ("bias_reg", bias_reg)):
-        if not (np.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    if "pair_examples" in upload and bool((upload["pair_examples"] != 1).any()):
+    local_lr, reg, bias_reg = (positive(n, v) for n, v in
+                               (("local_lr", local_lr), ("reg", reg), ("bias_reg", bias_reg)))
+    rows, bias = upload.rows["item_factors"], upload.rows["item_bias"]
+    if bool((rows.examples != 1).any()):
         raise ValueError("invert_ratings needs cross-device updates (one user per client); this "
                          "upload has rows that aggregate several ratings")
-    items, position = upload["pair_item"], upload["pair_client"]
-    n_clients = len(upload["clients"])
+    items, position, n_clients = rows.row, rows.client_pos, len(upload)
     q0 = broadcast["item_factors"][items].double()
     b0 = broadcast["item_bias"][items].double()
-    mu = broadcast["global_bias"].double()
-    err = (upload["item_bias"].double() / local_lr + 2 * bias_reg * b0) / 2
-    scaled_p = (upload["item_factors"].double() / local_lr + 2 * reg * q0) / 2   # = e_ui * p_u
-    num = torch.zeros(n_clients, q0.shape[1], dtype=torch.double).index_add_(
-        0, position, err[:, None] * scaled_p)
-    den = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, err.square())
-    p = num / den.clamp(min=1e-300)[:, None]
+    a, g = bias.values.double(), rows.values.double()
+    if rescaled:
+        p, scale = _factor_and_scale(a, g, q0, b0, position, n_clients, local_lr=local_lr,
+                                     reg=reg, bias_reg=bias_reg)
+    else:
+        scaled_p = (g / local_lr + 2 * reg * q0) / 2     # = e_ui * p_u
+        e = (a / local_lr + 2 * bias_reg * b0) / 2
+        num = torch.zeros(n_clients, q0.shape[1], dtype=torch.double).index_add_(
+            0, position, e[:, None] * scaled_p)
+        den = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, e.square())
+        p, scale = num / den.clamp(min=1e-300)[:, None], torch.ones(n_clients, dtype=torch.double)
+    err = (a / (scale[position] * local_lr) + 2 * bias_reg * b0) / 2
     n_rows = torch.bincount(position, minlength=n_clients).double()
     b_u = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, err) / (n_rows * bias_reg)
-    rating = err + mu + b_u[position] + b0 + (p[position] * q0).sum(1)
-    return pd.DataFrame({"client": upload["clients"][position].numpy().astype(np.int64),
+    rating = err + broadcast["global_bias"].double() + b_u[position] + b0 + (p[position] * q0).sum(1)
+    return pd.DataFrame({"client": upload.clients[position].numpy().astype(np.int64),
                          "item": items.numpy().astype(np.int64),
                          "rating": rating.float().numpy()})
 

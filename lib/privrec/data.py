@@ -32,9 +32,13 @@ from .checks import int_in
 
 __all__ = [
     "MovieLens",
+    "ColdStartSplit",
     "load_movielens100k",
     "random_split",
     "leave_last_out_split",
+    "cold_start_split",
+    "restrict_ids",
+    "subsample_users",
     "synthetic_movielens",
     "validate_ratings",
     "GENRES",
@@ -200,8 +204,10 @@ def _from_grouplens_dir(path: Path) -> MovieLens:
 
 def _assemble(inter: pd.DataFrame, item: pd.DataFrame, user: pd.DataFrame, source: str) -> MovieLens:
     # Contiguous ids in the order of the raw integer ids, so user 0 is GroupLens user 1.
-    user = user.assign(raw_id=user["raw_id"].astype(int)).sort_values("raw_id", ignore_index=True)
-    item = item.assign(raw_id=item["raw_id"].astype(int)).sort_values("raw_id", ignore_index=True)
+    user = user.assign(raw_id=user["raw_id"].astype(int)).sort_values(
+        "raw_id", ignore_index=True, kind="stable")
+    item = item.assign(raw_id=item["raw_id"].astype(int)).sort_values(
+        "raw_id", ignore_index=True, kind="stable")
     user_index = pd.Series(np.arange(len(user)), index=user["raw_id"].to_numpy())
     item_index = pd.Series(np.arange(len(item)), index=item["raw_id"].to_numpy())
     ratings = pd.DataFrame({
@@ -257,13 +263,12 @@ def random_split(ratings: pd.DataFrame, *, test_fraction: float = 0.2,
     ``round(test_fraction * len(ratings))`` ratings.
     """
     validate_ratings(ratings)
-    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    _check_fraction("test_fraction", test_fraction)
     rng = np.random.default_rng(int_in("seed", seed, 0))
     order = rng.permutation(len(ratings))
     n_test = int(round(test_fraction * len(ratings)))
-    test_rows = np.sort(order[:n_test])
-    train_rows = np.sort(order[n_test:])
+    test_rows = np.sort(order[:n_test], kind="stable")
+    train_rows = np.sort(order[n_test:], kind="stable")
     return (ratings.iloc[train_rows].reset_index(drop=True),
             ratings.iloc[test_rows].reset_index(drop=True))
 
@@ -271,19 +276,114 @@ def random_split(ratings: pd.DataFrame, *, test_fraction: float = 0.2,
 def leave_last_out_split(ratings: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-user temporal split for top-K evaluation: each user's latest rating is the test item.
 
-    Ties in timestamp are broken by the larger item id, so the split is deterministic. Users with a
-    single rating stay entirely in training (they have nothing to learn from otherwise).
+    The order is explicit and tie-free: by timestamp, then by item id (a stable lexicographic
+    sort), so among ratings with the same latest timestamp the one with the largest item id is
+    held out, whatever the row order of ``ratings``. Users with a single rating stay entirely in
+    training (they have nothing to learn from otherwise).
+
+    Returns ``(train, test)``: ``train`` in the row order of ``ratings``, ``test`` one row per
+    user, by user id. Raises ``ValueError`` without a ``timestamp`` column.
     """
     validate_ratings(ratings)
     if "timestamp" not in ratings.columns:
         raise ValueError("ratings must have a 'timestamp' column for a temporal split")
-    ordered = ratings.sort_values(["user", "timestamp", "item"], kind="stable")
-    last = ordered.groupby("user").tail(1)
-    counts = ratings["user"].value_counts()
-    last = last[last["user"].map(counts) > 1]
-    test = last.sort_values("user").reset_index(drop=True)
-    train = ratings.drop(index=last.index).reset_index(drop=True)
-    return train, test
+    users = ratings["user"].to_numpy()
+    order = np.lexsort((ratings["item"].to_numpy(), ratings["timestamp"].to_numpy(), users))
+    ordered_users = users[order]
+    is_last = np.r_[ordered_users[1:] != ordered_users[:-1], True]
+    counts = np.bincount(ordered_users, minlength=int(users.max()) + 1 if len(users) else 0)
+    held = order[is_last & (counts[ordered_users] > 1)]  # already in user order
+    keep = np.ones(len(ratings), dtype=bool)
+    keep[held] = False
+    return (ratings.iloc[np.flatnonzero(keep)].reset_index(drop=True),
+            ratings.iloc[held].reset_index(drop=True))
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+def restrict_ids(ratings: pd.DataFrame, *, column: str, ids: object) -> pd.DataFrame:
+    """The rows whose ``column`` id is in ``ids``, with that id renumbered to its position in
+    ``ids`` (so a subset of users or items indexes a table of size ``len(ids)`` directly).
+
+    ``column`` is ``"user"`` or ``"item"``; ``ids`` are distinct ids whose order defines the new
+    numbering. The kept rows stay in their original order, with a fresh index. Raises
+    ``ValueError`` for an unknown column or repeated or negative ids.
+    """
+    validate_ratings(ratings)
+    if column not in ("user", "item"):
+        raise ValueError(f"column must be one of ('user', 'item'), got {column!r}")
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (ids < 0).any():
+        raise ValueError("ids must be a 1-D array of non-negative integer ids")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be distinct")
+    size = max(int(ratings[column].max()) + 1 if len(ratings) else 0, int(ids.max(initial=-1)) + 1)
+    position = np.full(size, -1, dtype=np.int64)
+    position[ids] = np.arange(len(ids))
+    new = position[ratings[column].to_numpy()]
+    kept = ratings[new >= 0]
+    return kept.assign(**{column: new[new >= 0]}).reset_index(drop=True)
+
+
+def subsample_users(ratings: pd.DataFrame, *, n_users: int, population: int,
+                    seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """A seeded random subset of ``population`` of the ``n_users`` users, renumbered 0..population-1.
+
+    Returns ``(ratings, members)``: the kept users' ratings, renumbered in increasing order of
+    their old ids, and the sorted old ids (new id ``j`` is old id ``members[j]``). Raises
+    ``ValueError`` for a population outside ``[1, n_users]`` or ids outside ``[0, n_users)``.
+    """
+    validate_ratings(ratings, n_users=int_in("n_users", n_users, 1))
+    population = int_in("population", population, 1, n_users)
+    rng = np.random.default_rng(int_in("seed", seed, 0))
+    members = np.sort(rng.permutation(n_users)[:population], kind="stable")
+    return restrict_ids(ratings, column="user", ids=members), members
+
+
+@dataclass(frozen=True)
+class ColdStartSplit:
+    """Items held out of training entirely (:func:`cold_start_split`).
+
+    Attributes
+    ----------
+    train:
+        Every rating of a warm item (original ids).
+    test:
+        Every rating of a cold item, item ids renumbered to positions in ``cold_items``
+        (rank among the cold items only).
+    cold_items, warm_items:
+        Sorted original ids; together they are ``0..n_items-1``.
+    """
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    cold_items: np.ndarray
+    warm_items: np.ndarray
+
+
+def cold_start_split(ratings: pd.DataFrame, *, n_items: int, fraction: float = 0.1,
+                     seed: int = 0) -> ColdStartSplit:
+    """Hold out a seeded random ``floor(fraction * n_items)`` items with all their ratings.
+
+    No rating of a cold item is in ``train``: a model can know a cold item only from side
+    information (e.g. its text). Negatives for training should be drawn from ``warm_items``.
+    Raises ``ValueError`` for a fraction that leaves no cold or no warm item.
+    """
+    validate_ratings(ratings, n_items=int_in("n_items", n_items, 2))
+    size = int(np.floor(_check_fraction("fraction", fraction) * n_items))
+    if not 1 <= size < n_items:
+        raise ValueError(f"fraction must hold out between 1 and n_items - 1 items, got {size}")
+    rng = np.random.default_rng(int_in("seed", seed, 0))
+    cold = np.sort(rng.choice(n_items, size=size, replace=False), kind="stable")
+    is_cold = np.zeros(n_items, dtype=bool)
+    is_cold[cold] = True
+    train = ratings[~is_cold[ratings["item"].to_numpy()]].reset_index(drop=True)
+    test = restrict_ids(ratings, column="item", ids=cold)
+    return ColdStartSplit(train, test, cold, np.flatnonzero(~is_cold))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +415,8 @@ def synthetic_movielens(n_users: int = 60, n_items: int = 80, n_ratings: int = 1
         pairs.add((int(rng.integers(n_users)), i))
     while len(pairs) < n_ratings:
         pairs.add((int(rng.integers(n_users)), int(rng.choice(n_items, p=popularity))))
-    users, items = np.array(sorted(pairs)).T
+    codes = np.unique(np.fromiter((u * n_items + i for u, i in pairs), np.int64, len(pairs)))
+    users, items = codes // n_items, codes % n_items  # in (user, item) order
     p = rng.normal(0, 1 / np.sqrt(dim), (n_users, dim))
     q = rng.normal(0, 1 / np.sqrt(dim), (n_items, dim))
     b_u, b_i = rng.normal(0, 0.4, n_users), rng.normal(0, 0.4, n_items)

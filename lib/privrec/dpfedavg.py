@@ -1,278 +1,239 @@
-"""User-level differential privacy for federated learning: the DP-FedAvg aggregation step.
+"""Client-level differential privacy for federated learning: DP-FedAvg as a wrapper strategy.
 
-DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018) protects a *client* — for a cross-device
-recommender, a user's whole history — by three changes to FedAvg:
+DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018) protects a *client* -- for cross-device
+training a user's whole history (unit ``"user"``), for cross-silo training a silo's whole data
+(unit ``"silo"``, a different neighbouring relation) -- by changing how the server samples and
+aggregates, whatever its optimiser. :class:`DPFedAvg` wraps any strategy of
+:mod:`privrec.strategies`, as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does:
 
 1. **Poisson client sampling**: each of the :math:`N` clients joins a round independently with
-   probability :math:`q`, so the expected cohort is :math:`m = qN` (this is what the privacy
-   amplification by sampling in the accountant assumes).
-2. **Clipping each client's update** of the shared parameters to :math:`\\ell_2` norm :math:`C`.
-3. **Uniform averaging with a fixed denominator and Gaussian noise**:
-   :math:`\\tilde\\Delta = \\frac{1}{m}\\big(\\sum_{k\\in S}\\operatorname{clip}_C(\\Delta_k) +
-   \\mathcal N(0, \\sigma^2 C^2 I)\\big)`.
+   probability :math:`q` (``sample_rate``), so the expected cohort is :math:`qN`; this is what
+   the amplification by sampling in the accountant assumes. The wrapped strategy's own sampling
+   and weighting are not used.
+2. **Clipping each client's whole update** (every shared parameter together) to :math:`\\ell_2`
+   norm :math:`C`: :math:`\\bar\\Delta_k = \\Delta_k\\min(1, C/\\lVert\\Delta_k\\rVert)`.
+3. **Uniform sum, Gaussian noise on every shared coordinate, fixed denominator**:
+   :math:`\\tilde\\Delta = \\big(\\sum_{k\\in S}\\bar\\Delta_k + \\mathcal N(0,\\sigma^2C^2 I)\\big)/(qN)`.
+   Adding or removing one client changes the sum by at most :math:`C`, so the sum is a Gaussian
+   mechanism with noise multiplier :math:`\\sigma`. Noise goes on every coordinate, touched or
+   not: otherwise the set of noisy rows would reveal which items the cohort rated.
+4. **The wrapped strategy's server step** on :math:`\\tilde\\Delta` (momentum, Adam):
+   post-processing, free of privacy cost.
 
-Why uniform and fixed: adding or removing one client changes
-:math:`\\sum_k \\operatorname{clip}_C(\\Delta_k)` by at most :math:`C`, so the sum has
-:math:`\\ell_2` sensitivity :math:`C` and the Gaussian mechanism with noise multiplier
-:math:`\\sigma` applies. Weighting by example counts :math:`n_k/\\sum n` would let one heavy
-client move the average by an unbounded amount (its weight is data-dependent), and dividing by
-the realised cohort size :math:`|S|` makes the denominator itself depend on who participated.
+Why a fixed denominator: dividing by the realised cohort :math:`|S|` would make the denominator
+depend on who took part. :math:`N` (hence :math:`qN`) is treated as public, as Opacus does.
+Because the noise is fixed per round, a realised cohort smaller than :math:`qN` carries the same
+noise on a smaller signal (the mean is biased towards zero by :math:`|S|/qN`); the guarantee is
+unchanged, the utility is lower.
 
-Each round is one Poisson-subsampled Gaussian mechanism with sampling rate :math:`q` and noise
-multiplier :math:`\\sigma`, so :mod:`privrec.accounting`'s RDP accountant gives the user-level
-:math:`(\\varepsilon,\\delta)` after :math:`T` rounds.
+Every round, including a round in which nobody was sampled, is recorded on :attr:`DPFedAvg.ledger`
+as one Poisson-subsampled Gaussian event (``noise_multiplier`` :math:`\\sigma`, ``sample_rate``
+:math:`q`); at :math:`\\sigma = 0` the ledger reports :math:`\\varepsilon=\\infty`. The reported
+:math:`(\\varepsilon,\\delta)` is the ledger's.
+
+What it does *not* protect: the server still sees each client's clipped update in plaintext.
+Central DP protects the released model; hiding the uploads from the server needs secure
+aggregation (:mod:`privrec.secagg`) or local noise. Noise comes from a floating-point Gaussian
+generator (see :mod:`privrec.primitives` for what that means for a production release).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
+import pandas as pd
 import torch
 
-from .accounting import get_epsilon, get_noise_multiplier
-from .ledger import RDPAccountant
-from .checks import int_in, non_negative, positive
-from .federated import FedAvgM, FederatedMF, solve_user_ridge
+from .checks import check_sample_rate, choice, epsilon_or_inf, int_in, non_negative, positive
+from .checks import seed as check_seed
+from .federated import FederatedMF, FederatedSimulator
+from .ledger import PrivacyEvent, PrivacyLedger
+from .primitives import clip_factors, gaussian_noise, poisson_sample
+from .results import FitResult
+from .strategies import FedAvg, RunningSum, add_weighted
+from .updates import ClientUpdates
 
-__all__ = [
-    "DPFedAvg",
-    "DPFederatedMF",
-    "released_model",
-    "train_dp_fedavg_mf",
-    "clip_updates",
-    "dp_aggregate",
-    "poisson_sample_clients",
-    "user_level_epsilon",
-    "noise_multiplier_for_target",
-]
+__all__ = ["DPFedAvg", "ROUND_EVENT", "round_events", "fit_dp_fedavg_mf"]
+
+#: The ledger's name for one DP-FedAvg round.
+ROUND_EVENT = "DP-FedAvg round"
 
 
-
-def clip_updates(updates: torch.Tensor, *, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each row of ``updates`` ``[m, d]`` to :math:`\\ell_2` norm at most ``clip_norm``.
-
-    Returns ``(clipped, norms)`` where ``norms`` are the norms before clipping (their distribution
-    is what adaptive clipping, Andrew et al. 2021, tracks).
-    """
-    clip_norm = positive("clip_norm", clip_norm)
-    if not torch.is_tensor(updates) or updates.dim() != 2 or not updates.dtype.is_floating_point:
-        raise ValueError("updates must be a 2-D floating-point tensor [clients, parameters]")
-    if not torch.isfinite(updates).all():
-        raise ValueError("updates contains NaN or infinite values")
-    norms = updates.norm(dim=1)
-    factor = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
-    return updates * factor[:, None], norms
+def round_events(noise_multiplier: float, *, sample_rate: float, rounds: int,
+                 unit: str = "user") -> list[PrivacyEvent]:
+    """The ledger events of ``rounds`` DP-FedAvg rounds (for :meth:`PrivacyLedger.calibrate`)."""
+    return [PrivacyEvent(ROUND_EVENT, "gaussian", noise_multiplier, sample_rate,
+                         int_in("rounds", rounds, 1), unit)]
 
 
-def dp_aggregate(updates: torch.Tensor, *, clip_norm: float, noise_multiplier: float,
-                 expected_clients: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The DP-FedAvg server step: clip, sum, add :math:`\\mathcal N(0,\\sigma^2C^2)`, divide by
-    the *expected* cohort size :math:`m = qN`.
-
-    ``updates`` holds one row per participating client (possibly zero rows). The noise std of the
-    returned average is ``noise_multiplier * clip_norm / expected_clients`` per coordinate.
-    """
-    noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
-    expected_clients = positive("expected_clients", expected_clients)
-    clipped, _ = clip_updates(updates, clip_norm=clip_norm)
-    total = clipped.sum(0)
-    if noise_multiplier > 0:
-        noise = torch.randn(total.shape, generator=generator, dtype=total.dtype)
-        total = total + noise * (noise_multiplier * clip_norm)
-    return total / expected_clients
-
-
-def poisson_sample_clients(n_clients: int, *, sample_rate: float,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ids of the clients that join this round, each independently with probability ``sample_rate``.
-
-    The cohort size is random (possibly 0); that randomness is part of the privacy analysis.
-    """
-    n_clients = int_in("n_clients", n_clients, 1)
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if sample_rate == 1:
-        return torch.arange(n_clients)
-    joined = torch.rand(n_clients, generator=generator) < sample_rate
-    return joined.nonzero().flatten()
-
-
-def user_level_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int,
-                       delta: float) -> float:
-    """User-level :math:`\\varepsilon` of ``rounds`` DP-FedAvg rounds (RDP accountant)."""
-    return get_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds,
-                       delta=delta)
-
-
-def noise_multiplier_for_target(*, target_epsilon: float, delta: float, n_clients: int,
-                                clients_per_round: float, rounds: int) -> float:
-    """The noise multiplier :math:`\\sigma` that spends ``target_epsilon`` in ``rounds`` rounds
-    when ``clients_per_round`` of ``n_clients`` join each round on average (``q = m / N``)."""
-    n_clients = int_in("n_clients", n_clients, 1)
-    clients_per_round = positive("clients_per_round", clients_per_round)
-    if clients_per_round > n_clients:
-        raise ValueError(f"clients_per_round must be in (0, n_clients={n_clients}], "
-                         f"got {clients_per_round}")
-    return get_noise_multiplier(target_epsilon=target_epsilon, delta=delta,
-                                sample_rate=clients_per_round / n_clients, steps=rounds)
-
-
-# ----------------------------------------------------------------------------------------------
-# DP-FedAvg for the federated matrix-factorisation simulator
-# ----------------------------------------------------------------------------------------------
-
-class DPFedAvg(FedAvgM):
-    """DP-FedAvg (McMahan et al. 2018) as a strategy for :class:`DPFederatedMF`.
+class DPFedAvg:
+    """DP-FedAvg around any server strategy (see the module docstring for the algorithm).
 
     Parameters
     ----------
-    clients_per_round:
-        Expected cohort size :math:`m`; each client joins a round independently with probability
-        :math:`q = m/N` (Poisson sampling), and the average divides by :math:`m`, not by the
-        realised cohort size.
+    strategy:
+        The wrapped :class:`~privrec.strategies.FedAvg`, ``FedAvgM`` or ``FedAdam``; only its
+        server step is used, so its ``clients_per_round`` must be ``None``.
+    n_clients:
+        :math:`N`, the number of clients (public); must match the model's.
+    sample_rate:
+        :math:`q \\in (0, 1]`, each client's Poisson probability of joining a round.
     clip_norm:
-        :math:`C`, the bound on the :math:`\\ell_2` norm of one client's whole update of the shared
-        parameters (item factors, item biases, global bias) in one round.
+        :math:`C`, the bound on the :math:`\\ell_2` norm of one client's whole update per round.
     noise_multiplier:
-        :math:`\\sigma`; the server adds :math:`\\mathcal N(0, \\sigma^2C^2)` to *every* shared
-        coordinate of the summed update, touched or not (otherwise the set of noisy rows would
-        reveal which items the cohort rated).
-    server_lr, server_momentum:
-        The server optimiser, inherited from :class:`~privrec.federated.FedAvgM` (DP-FedAvgM when
-        momentum > 0); post-processing, so free of privacy cost.
+        :math:`\\sigma \\ge 0`; the noise std on the sum is :math:`\\sigma C`, on the mean
+        :math:`\\sigma C/(qN)`.
+    unit:
+        ``"user"`` (one user per client) or ``"silo"`` (one client = one silo).
+    delta:
+        The ledger's :math:`\\delta` (default :func:`~privrec.ledger.default_delta` of ``n_clients``).
     seed:
-        Seeds client sampling and noise.
+        Seeds client sampling (``seed``) and noise (``seed + 1``).
+
+    Attributes
+    ----------
+    ledger:
+        The :class:`~privrec.ledger.PrivacyLedger` of every round run.
+    last_norms:
+        ``[|S|]`` pre-clipping norms of the last round's client updates.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a wrong kind or a bad value of any parameter.
+
+    References
+    ----------
+    McMahan, Ramage, Talwar & Zhang (2018), Learning differentially private recurrent language
+    models, Algorithm 1 (the fixed-denominator estimator :math:`\\tilde f_f`).
     """
 
-    name = "DPFedAvg"
-
-    def __init__(self, *, clients_per_round: int, clip_norm: float, noise_multiplier: float,
-                 server_lr: float = 1.0, server_momentum: float = 0.0, seed: int = 0) -> None:
-        super().__init__(clients_per_round=clients_per_round, server_lr=server_lr,
-                         server_momentum=server_momentum, seed=seed)
+    def __init__(self, strategy: FedAvg, *, n_clients: int, sample_rate: float, clip_norm: float,
+                 noise_multiplier: float, unit: str = "user", delta: float | None = None,
+                 seed: int = 0) -> None:
+        if not isinstance(strategy, FedAvg):
+            raise TypeError(f"strategy must be a FedAvg/FedAvgM/FedAdam, got "
+                            f"{type(strategy).__name__}")
+        if strategy.clients_per_round is not None:
+            raise ValueError("the wrapped strategy's clients_per_round must be None: DPFedAvg "
+                             "samples clients itself (Poisson, sample_rate)")
+        self.strategy = strategy
+        self.n_clients = int_in("n_clients", n_clients, 1)
+        self.sample_rate = check_sample_rate(sample_rate)
         self.clip_norm = positive("clip_norm", clip_norm)
         self.noise_multiplier = non_negative("noise_multiplier", noise_multiplier)
-        self._noise = torch.Generator().manual_seed(self.seed + 1)
+        self.ledger = PrivacyLedger(unit=choice("unit", unit, ("user", "silo")),
+                                    n_units=self.n_clients, delta=delta)
+        self.seed = check_seed("seed", seed)
         self._sampling = torch.Generator().manual_seed(self.seed)
-        self.accountant = RDPAccountant()
-        self.sample_rate: float | None = None
-        #: Pre-clipping norms of the last round's client updates (what adaptive clipping tracks).
+        self._noise = torch.Generator().manual_seed(self.seed + 1)
+        self._norms: list[torch.Tensor] = []
         self.last_norms: torch.Tensor | None = None
 
-    def sample_clients(self, n_clients: int) -> np.ndarray:
-        self.sample_rate = self.clients_per_round / n_clients
-        ids = poisson_sample_clients(n_clients, sample_rate=self.sample_rate,
-                                     generator=self._sampling)
-        return ids.numpy()
+    @classmethod
+    def calibrated(cls, strategy: FedAvg, *, target_epsilon: float, rounds: int, n_clients: int,
+                   sample_rate: float, unit: str = "user", delta: float | None = None,
+                   **kwargs) -> DPFedAvg:
+        """The wrapper whose ``rounds`` rounds spend ``target_epsilon`` (``math.inf``: no noise).
 
-    def aggregate(self, upload: dict[str, torch.Tensor], *, n_items: int,
-                  dim: int) -> dict[str, torch.Tensor]:
-        """Clip each client's sparse update, sum, add noise to every coordinate, divide by m.
-
-        Equivalent to :func:`dp_aggregate` on the clients' dense update vectors, without ever
-        materialising them.
+        The noise multiplier is the ledger's one search (:meth:`PrivacyLedger.calibrate`).
         """
-        n_round = len(upload["clients"])
-        pair_client, items = upload["pair_client"], upload["pair_item"]
-        d_q, d_b, d_mu = upload["item_factors"], upload["item_bias"], upload["global_bias"]
-        squares = torch.zeros(n_round).index_add_(0, pair_client, d_q.square().sum(1) + d_b.square())
-        norms = (squares + d_mu.square()).sqrt()
-        factor = (self.clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
-        self.last_norms = norms
-        per_pair = factor[pair_client]
-        total_q = torch.zeros(n_items, dim).index_add_(0, items, per_pair[:, None] * d_q)
-        total_b = torch.zeros(n_items).index_add_(0, items, per_pair * d_b)
-        total_mu = (factor * d_mu).sum()
-        std = self.noise_multiplier * self.clip_norm
-        if std > 0:
-            total_q += torch.randn(n_items, dim, generator=self._noise) * std
-            total_b += torch.randn(n_items, generator=self._noise) * std
-            total_mu = total_mu + torch.randn((), generator=self._noise) * std
-        m = float(self.clients_per_round)
-        if self.sample_rate is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return {"item_factors": total_q / m, "item_bias": total_b / m, "global_bias": total_mu / m}
+        target = epsilon_or_inf("target_epsilon", target_epsilon)
+        sigma = 0.0
+        if math.isfinite(target):
+            ledger = PrivacyLedger(unit=unit, n_units=n_clients, delta=delta)
+            sigma = ledger.calibrate(lambda z: round_events(z, sample_rate=sample_rate,
+                                                            rounds=rounds, unit=unit),
+                                     target_epsilon=target)
+        return cls(strategy, n_clients=n_clients, sample_rate=sample_rate, noise_multiplier=sigma,
+                   unit=unit, delta=delta, **kwargs)
 
-    def epsilon(self, delta: float) -> float:
-        """User-level (client-level) :math:`\\varepsilon` spent so far."""
-        return self.accountant.get_epsilon(delta)
+    @property
+    def expected_clients(self) -> float:
+        """:math:`qN`, the fixed denominator."""
+        return self.sample_rate * self.n_clients
+
+    def sample(self, n_clients: int) -> torch.Tensor:
+        """Poisson sampling: sorted ids, each client independently with probability ``q``."""
+        if n_clients != self.n_clients:
+            raise ValueError(f"the model has {n_clients} clients, this DPFedAvg was built for "
+                             f"n_clients={self.n_clients}")
+        return poisson_sample(self.n_clients, sample_rate=self.sample_rate,
+                              generator=self._sampling)
+
+    def start(self, shared: dict[str, torch.Tensor]) -> RunningSum:
+        """An empty sum of clipped updates."""
+        self._norms = []
+        return RunningSum({k: torch.zeros_like(v) for k, v in shared.items()})
+
+    def accumulate(self, total: RunningSum, updates: ClientUpdates) -> None:
+        """Clip each client's whole update to ``clip_norm`` and add it to the sum (uniformly)."""
+        norms = updates.norms()
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("a client update contains NaN or infinite values")
+        self._norms.append(norms)
+        add_weighted(total.sums, updates, clip_factors(norms, clip_norm=self.clip_norm))
+        total.clients += len(updates)
+
+    def finish(self, total: RunningSum) -> dict[str, torch.Tensor]:
+        """Noise on every coordinate, divide by :math:`qN`, record the round on the ledger."""
+        std = self.noise_multiplier * self.clip_norm
+        change = {name: (value + gaussian_noise(value.shape, std=std, generator=self._noise))
+                  / self.expected_clients for name, value in total.sums.items()}
+        self.ledger.record_gaussian(ROUND_EVENT, noise_multiplier=self.noise_multiplier,
+                                    sample_rate=self.sample_rate)
+        self.last_norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
+        return change
+
+    def step(self, shared: dict[str, torch.Tensor], change: dict[str, torch.Tensor]) -> None:
+        """The wrapped strategy's server step on the noisy mean (post-processing)."""
+        self.strategy.step(shared, change)
 
     def __repr__(self) -> str:
-        return (f"DPFedAvg(clients_per_round={self.clients_per_round}, clip_norm={self.clip_norm:g}, "
-                f"noise_multiplier={self.noise_multiplier:g}, server_lr={self.server_lr:g}, "
-                f"server_momentum={self.server_momentum:g})")
+        return (f"DPFedAvg({self.strategy!r}, sample_rate={self.sample_rate:g}, "
+                f"clip_norm={self.clip_norm:g}, noise_multiplier={self.noise_multiplier:.4g}, "
+                f"unit={self.ledger.unit!r})")
 
 
-class DPFederatedMF(FederatedMF):
-    """:class:`~privrec.federated.FederatedMF` trained with :class:`DPFedAvg`.
+def fit_dp_fedavg_mf(train: pd.DataFrame, *, n_users: int, n_items: int, target_epsilon: float,
+                     rounds: int, sample_rate: float, clip_norm: float = 1.0,
+                     strategy: FedAvg | None = None, partition=None, delta: float | None = None,
+                     test: pd.DataFrame | None = None, eval_every: int | None = None,
+                     seed: int = 0, **model_kwargs) -> FitResult:
+    """Train :class:`~privrec.federated.FederatedMF` with DP-FedAvg to ``target_epsilon``.
 
-    Takes the same arguments as :class:`~privrec.federated.FederatedMF` with a :class:`DPFedAvg`
-    strategy. Users' own factors and biases stay on their devices and are re-solved there from the
-    released (noisy) item model, which is post-processing: the guarantee covers everything a
-    user's data influences that leaves the device.
+    Parameters
+    ----------
+    train, n_users, n_items:
+        The clients' ratings and the (public) id-space sizes.
+    target_epsilon:
+        Client-level :math:`\\varepsilon` after ``rounds`` rounds (``math.inf``: clipping only).
+    rounds, sample_rate, clip_norm:
+        :math:`T`, :math:`q`, :math:`C`.
+    strategy:
+        The wrapped server optimiser (default ``FedAvg(server_lr=1.0)``).
+    partition:
+        Users to clients (default cross-device: unit ``"user"``; silos: unit ``"silo"``).
+    delta:
+        Default :func:`~privrec.ledger.default_delta` of the number of clients.
+    test, eval_every:
+        Optional evaluation of the released model every ``eval_every`` rounds (default: last).
+    seed:
+        Seeds the model, the sampling and the noise.
+    **model_kwargs:
+        Passed to :class:`~privrec.federated.FederatedMF` (``dim``, ``local_lr``, ...).
+
+    Returns
+    -------
+    FitResult
+        The released model (users personalised on their devices), history, ledger and seconds.
     """
-
-    def __init__(self, train, *, strategy: DPFedAvg, **kwargs) -> None:
-        if not isinstance(strategy, DPFedAvg):
-            raise TypeError(f"strategy must be a DPFedAvg, got {type(strategy).__name__}")
-        if kwargs.get("fake_items", 0):
-            raise ValueError("fake_items must be 0 with DPFedAvg (DP already hides the item set of "
-                             "the released model; fake items would only add clipping bias)")
-        super().__init__(train, strategy=strategy, **kwargs)
-
-
-def released_model(server: dict[str, torch.Tensor], train, *, n_users: int, n_items: int,
-                   reg: float, bias_reg: float):
-    """The model every user gets by personalising the released item model on their own device.
-
-    Each user with ratings in ``train`` solves their factor and bias in closed form against the
-    released (noisy) shared parameters — post-processing, so free of privacy cost — whether or not
-    the user took part in training. Returns a :class:`~privrec.models.BiasedMF` for evaluation.
-    """
-    from .models import BiasedMF
-    from .train import ratings_to_tensors
-
-    users, items, ratings = ratings_to_tensors(train)
-    order = torch.argsort(users, stable=True)
-    users, items, ratings = users[order], items[order], ratings[order]
-    solution = solve_user_ridge(users, items, ratings, n_rows=n_users,
-                                item_factors=server["item_factors"], item_bias=server["item_bias"],
-                                global_bias=server["global_bias"], reg=reg, bias_reg=bias_reg)
-    dim = server["item_factors"].shape[1]
-    model = BiasedMF(n_users, n_items, dim)
-    seen = torch.bincount(users, minlength=n_users) > 0
-    with torch.no_grad():
-        for name, value in server.items():
-            getattr(model, name).copy_(value)
-        model.user_factors[seen] = solution[seen, :-1]
-        model.user_bias[seen] = solution[seen, -1]
-    return model
-
-
-def train_dp_fedavg_mf(train, *, n_users: int, n_items: int, epsilon: float, delta: float,
-                       clients_per_round: int, rounds: int, clip_norm: float = 1.0,
-                       server_lr: float = 4.0, server_momentum: float = 0.0, dim: int = 4,
-                       partition=None, seed: int = 0, **federated_kwargs) -> DPFederatedMF:
-    """Train :class:`DPFederatedMF` to user-level ``(epsilon, delta)`` in ``rounds`` rounds.
-
-    The noise multiplier is calibrated with :func:`noise_multiplier_for_target` for Poisson
-    sampling of ``clients_per_round`` of the partition's clients; ``epsilon=math.inf`` trains with
-    clipping but no noise. The defaults are the settings this book arrived at for ML-100K (see the
-    chapter on user-level privacy for how, and for what tuning on private data costs).
-    """
-    from .federated import cross_device
-
-    partition = cross_device(n_users) if partition is None else partition
-    if epsilon == float("inf"):
-        sigma = 0.0
-    else:
-        sigma = noise_multiplier_for_target(target_epsilon=epsilon, delta=delta,
-                                            n_clients=partition.n_clients,
-                                            clients_per_round=clients_per_round, rounds=rounds)
-    strategy = DPFedAvg(clients_per_round=clients_per_round, clip_norm=clip_norm,
-                        noise_multiplier=sigma, server_lr=server_lr,
-                        server_momentum=server_momentum, seed=seed)
-    sim = DPFederatedMF(train, n_users=n_users, n_items=n_items, strategy=strategy,
-                        partition=partition, dim=dim, seed=seed, **federated_kwargs)
-    for _ in range(rounds):
-        sim.round()
-    return sim
+    model = FederatedMF(train, n_users=n_users, n_items=n_items, partition=partition, seed=seed,
+                        **model_kwargs)
+    wrapper = DPFedAvg.calibrated(FedAvg() if strategy is None else strategy,
+                                  target_epsilon=target_epsilon, rounds=rounds,
+                                  n_clients=model.n_clients, sample_rate=sample_rate,
+                                  unit=model.privacy_unit, delta=delta, clip_norm=clip_norm,
+                                  seed=seed)
+    sim = FederatedSimulator(model, wrapper)
+    return sim.fit(rounds, test=test, eval_every=rounds if eval_every is None else eval_every)

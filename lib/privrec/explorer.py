@@ -9,6 +9,12 @@ a static page they show their saved state but cannot recompute.
 The chart plots a metric against :math:`\\varepsilon` (log scale, with the non-private result at
 the right edge) with one line per value of the *series* control; the selected line is drawn
 bold, the selected point is marked, and a read-out prints the selected configuration's numbers.
+The :math:`\\varepsilon` axis carries a label (``epsilon_label``) so that a page can say which
+privacy unit and :math:`\\delta` its guarantee is about ("user-level ε, δ = 1e-5"): guarantees
+about different units are different relations and never share an axis.
+
+Every configuration must appear once: the page looks records up by their control values, so two
+records with the same values would make the shown point depend on record order.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ _SCRIPT = r"""
     for (const e of spec.values.epsilon) {
       el('text', {x: xOf(e), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11}, label(e));
     }
-    el('text', {x: (L + W - R) / 2, y: H - 6, 'text-anchor': 'middle', 'font-size': 12}, '\u03b5');
+    el('text', {x: (L + W - R) / 2, y: H - 6, 'text-anchor': 'middle', 'font-size': 12,
+                class: 'privrec-xlabel'}, spec.epsilonLabel);
     for (let k = 0; k <= 4; k++) {
       const v = y0 + (y1 - y0) * k / 4;
       el('text', {x: L - 6, y: yOf(v) + 4, 'text-anchor': 'end', 'font-size': 11}, v.toFixed(3));
@@ -126,7 +133,8 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
                   metrics: Mapping[str, str], series: str | None = None,
                   references: Sequence[Mapping[str, object]] = (),
                   control_labels: Mapping[str, str] | None = None,
-                  initial: Mapping[str, object] | None = None, title: str = "") -> str:
+                  initial: Mapping[str, object] | None = None, title: str = "",
+                  epsilon_label: str = "ε") -> str:
     """HTML for an offline explorer of ``records`` (one dict per configuration).
 
     Parameters
@@ -145,6 +153,21 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
         Horizontal reference lines: dicts with a ``label`` and a value per metric.
     control_labels, initial, title:
         Display labels, initial slider values, and a heading.
+    epsilon_label:
+        The label of the :math:`\\varepsilon` axis; name the privacy unit and :math:`\\delta`
+        (e.g. ``"user-level ε (δ = 1e-5)"``).
+
+    Returns
+    -------
+    str
+        One ``<div>`` holding the data, the controls, an SVG and the script.
+
+    Raises
+    ------
+    ValueError
+        For no records, controls not starting with ``"epsilon"``, a series that is not a control,
+        no metrics, a record lacking a control or metric, two records with the same values of
+        every control, or an initial value that no record has.
     """
     if not records:
         raise ValueError("records must not be empty")
@@ -159,11 +182,19 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
         missing = [c for c in (*controls, *metrics) if c not in rec]
         if missing:
             raise ValueError(f"records[{k}] lacks {missing}")
+    seen: dict[tuple, int] = {}
+    for k, rec in enumerate(records):
+        key = tuple(_finite_json(rec[c]) for c in controls)
+        if key in seen:
+            raise ValueError(f"records[{seen[key]}] and records[{k}] have the same configuration "
+                             f"{dict(zip(controls, key))}; each configuration must appear once")
+        seen[key] = k
     labels = {c: c for c in controls} | dict(control_labels or {})
     values = {}
     for c in controls:
-        distinct = sorted({rec[c] for rec in records}, key=lambda v: (v is None, v))
-        values[c] = [_finite_json(v) for v in distinct]
+        # Distinct values (a set), so the order is total: ascending, non-private (None) last.
+        values[c] = sorted({_finite_json(rec[c]) for rec in records},
+                           key=lambda v: (v is None, 0 if v is None else v))
     start = dict(initial or {})
     spec = {
         "records": [{k: _finite_json(v) for k, v in rec.items()} for rec in records],
@@ -173,13 +204,17 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
         "metricLabels": dict(metrics),
         "readout": list(metrics),
         "references": [dict(r) for r in references],
+        "epsilonLabel": str(epsilon_label),
     }
     root_id = f"privrec-explorer-{uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(spec, sort_keys=True)).hex[:12]}"
     sliders = []
     for c in controls:
         options = values[c]
         want = _finite_json(start.get(c, records[0][c]))
-        index = options.index(want) if want in options else 0
+        if want not in options:
+            raise ValueError(f"initial[{c!r}] must be one of the records' values {options}, "
+                             f"got {want!r}")
+        index = options.index(want)
         sliders.append(
             f'<label style="display:inline-block;margin-right:1.5em">{html.escape(labels[c])} '
             f'<input type="range" name="{html.escape(c)}" min="0" max="{len(options) - 1}" '

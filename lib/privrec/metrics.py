@@ -1,9 +1,17 @@
 """Accuracy and ranking metrics: RMSE, MAE, HR@K and NDCG@K with full ranking.
 
 Ranking follows the protocol of most recent recommender papers that avoid sampled metrics
-(Krichene & Rendle 2020): every item the user did not rate in training is a candidate, and a test
-item's rank counts the candidates scored strictly higher plus ties (pessimistic tie-breaking, so a
-constant scorer earns nothing).
+(Krichene & Rendle 2020): every item the user did not rate in training is a candidate.
+
+**Tie rule (the book's pessimistic tie-breaking).** A test item's 0-based rank is the number of
+candidates scored strictly higher *plus* the number of other candidates scored exactly the same:
+every tie is resolved against the test item, as if tied candidates were listed first. A constant
+scorer therefore earns nothing, and the rank does not depend on item ids, on the order of the rows
+or on the sort kernel of the machine. Where the book needs an explicit list (a top-K, a median),
+:func:`top_k` orders by descending score and breaks ties by the smaller item id.
+
+Every function here first puts its rating tables in the canonical order of :func:`canonical_order`
+(by user, then item, then rating), so permuting the input rows gives bit-identical results.
 """
 
 from __future__ import annotations
@@ -14,10 +22,35 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checks import int_in
 from .data import validate_ratings
 
 __all__ = ["rmse", "mae", "evaluate_ratings", "ranking_metrics", "evaluate_ranking",
-           "heldout_ndcg"]
+           "heldout_ndcg", "canonical_order", "top_k"]
+
+
+def canonical_order(ratings: pd.DataFrame) -> pd.DataFrame:
+    """``ratings`` sorted by (user, item, rating) with a stable sort: the order every metric uses.
+
+    Floating-point sums depend on the order of their terms; sorting first makes every result
+    independent of the order of the input rows (rows equal in all three keys are interchangeable).
+    """
+    keys = [ratings[c].to_numpy() for c in ("rating", "item", "user") if c in ratings.columns]
+    return ratings.iloc[np.lexsort(keys)] if keys else ratings
+
+
+def top_k(scores: object, k: int) -> np.ndarray:
+    """Ids of the ``k`` highest ``scores`` (1-D), by descending score, ties broken by smaller id.
+
+    Raises
+    ------
+    ValueError
+        If ``scores`` is not 1-D and finite or ``k`` is not an int in ``[1, len(scores)]``.
+    """
+    values = _as_float_vector(scores, "scores").numpy()
+    k = int_in("k", k, 1, len(values))
+    # A stable sort keeps equal scores in ascending id order: the explicit secondary key.
+    return np.argsort(-values, kind="stable")[:k]
 
 
 def _as_float_vector(values: object, name: str) -> torch.Tensor:
@@ -58,6 +91,7 @@ def evaluate_ratings(model: torch.nn.Module, ratings: pd.DataFrame, *,
                      clamp: tuple[float, float] | None = (1.0, 5.0)) -> dict[str, float]:
     """RMSE and MAE of ``model(users, items)`` on a ratings table, predictions clamped to the scale."""
     validate_ratings(ratings, n_users=model.n_users, n_items=model.n_items)
+    ratings = canonical_order(ratings)
     pred = model(torch.as_tensor(ratings["user"].to_numpy()), torch.as_tensor(ratings["item"].to_numpy()))
     if clamp is not None:
         pred = pred.clamp(*clamp)
@@ -85,19 +119,25 @@ def ranking_metrics(scores: torch.Tensor, train: pd.DataFrame, test: pd.DataFram
     -------
     ``{"hr": ..., "ndcg": ...}`` averaged over the users in ``test``. HR@K is the share of users
     with at least one test item in their top K; NDCG@K uses binary relevance.
+
+    Notes
+    -----
+    Ties are resolved against the test item (the module's pessimistic tie rule): its rank is
+    ``#{candidates scored higher} + #{other candidates scored equal}``. The result does not depend
+    on the order of the rows of ``train`` or ``test``.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError("scores must be a 2-D torch tensor [n_users, n_items]")
     if not torch.isfinite(scores).all():
         raise ValueError("scores contains NaN or infinite values")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    k = int_in("k", k, 1)
     n_users, n_items = scores.shape
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")
     validate_ratings(test, n_users=n_users, n_items=n_items, name="test")
     if len(test) == 0:
         raise ValueError("test must not be empty")
 
+    test = canonical_order(test)
     masked = scores.double().clone()
     masked[torch.as_tensor(train["user"].to_numpy()), torch.as_tensor(train["item"].to_numpy())] = -math.inf
     t_users = torch.as_tensor(test["user"].to_numpy())
@@ -143,8 +183,8 @@ def heldout_ndcg(model: torch.nn.Module, test: pd.DataFrame, *, k: int = 10) -> 
     on stars. Users with a single test rating are skipped (any order is ideal).
     """
     validate_ratings(test, n_users=model.n_users, n_items=model.n_items, name="test")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    k = int_in("k", k, 1)
+    test = canonical_order(test)
     pred = model(torch.as_tensor(test["user"].to_numpy()), torch.as_tensor(test["item"].to_numpy()))
     frame = pd.DataFrame({"user": test["user"].to_numpy(), "rating": test["rating"].to_numpy(),
                           "pred": pred.double().numpy()})

@@ -1,12 +1,12 @@
 """The embedding recommender: biased matrix factorisation (Koren, Bell & Volinsky 2009).
 
-.. math::  \\hat r_{ui} = \\mu + b_u + b_i + p_u^\\top q_i
+.. math::  \\hat r_{ui} = \\mu + b_u + b_i + p_u^\\top v_i
 
 Parameters are split by who may hold them, because later chapters depend on it:
 
 * user-side (``user_factors`` :math:`P`, ``user_bias`` :math:`b_u`): one row per user. In federated
   training these never leave the user's device; under DP-SGD each rating touches exactly one row.
-* shared (``item_factors`` :math:`Q`, ``item_bias`` :math:`b_i`, ``global_bias`` :math:`\\mu`): what a
+* shared (``item_factors`` :math:`V`, ``item_bias`` :math:`b_i`, ``global_bias`` :math:`\\mu`): what a
   server aggregates and what a private release must protect.
 
 ``dim=0`` gives the bias-only model :math:`\\mu + b_u + b_i` with the same interface.

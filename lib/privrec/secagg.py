@@ -9,8 +9,8 @@ so each upload on its own is uniformly distributed, while in the sum over all cl
 :math:`\\mathrm{PRG}(s_{ij})` appears once with each sign and cancels exactly. If client :math:`j`
 drops out after the masks were fixed, the survivors reveal their seeds :math:`s_{ij}` with
 :math:`j` and the server removes those masks (in the real protocol through Shamir secret shares
-of the seeds, which also survive survivors' dropping; the double-masking that protects late
-arrivals is omitted here).
+of the seeds, which also survive survivors' dropping; the double masking that stops a server
+from unmasking a client by falsely declaring it dropped is omitted here).
 
 What is simulated, and so must not be mistaken for a secure implementation:
 
@@ -25,10 +25,26 @@ one mask per neighbour, :math:`O(k\\,d)` work for :math:`k` neighbours) are real
 cheaper variant of Bell et al. (2020).
 
 :func:`distributed_gaussian_noise` adds *distributed DP*: each of :math:`m` clients adds
-:math:`\\mathcal N(0, \\sigma^2/m)` to its update before masking, so the server only ever sees a sum
-carrying :math:`\\mathcal N(0,\\sigma^2)` noise. (Real deployments use discrete noise such as the
-distributed discrete Gaussian of Kairouz et al. 2021, because rounding continuous noise breaks
-the analysis; we quantise after adding noise and note the gap.)
+:math:`\\mathcal N(0, \\sigma^2/m)` to its update before masking, so the server only ever sees a
+sum carrying :math:`\\mathcal N(0,\\sigma^2)` noise. Secure aggregation itself adds no noise; it
+hides the individual uploads, which central DP (:class:`privrec.dpfedavg.DPFedAvg`, whose server
+sees every clipped update in plaintext) does not. Caveats a deployment must handle:
+
+* **Cohort size.** The shares are sized for :math:`m` clients. Under Poisson sampling the realised
+  cohort is random; a cohort smaller than :math:`m` sums to *less* than the planned noise, and
+  every dropout lowers it further (deployments over-provision the shares for the expected
+  dropout rate). Central DP-FedAvg adds its noise once on the server, so there the noise
+  is fixed whatever the cohort.
+* **Discrete noise.** Real distributed DP uses discrete noise (the distributed discrete Gaussian
+  of Kairouz et al. 2021): adding continuous noise, rounding to fixed point and summing modulo
+  :math:`2^{32}` (with possible wrap-around) is not the mechanism the Gaussian analysis covers.
+  This module quantises after adding continuous noise and only demonstrates the arithmetic.
+* **Double masking.** Bonawitz et al. add a second, self mask per client so that a server that
+  falsely declares a live client dropped (and asks for its pairwise seeds) still cannot unmask its
+  update; it is omitted here.
+* **Collusion.** Clients who collude with the server can subtract their own noise shares from the
+  sum, leaving only the honest clients' share of the noise: :math:`t` colluders reduce the variance
+  to :math:`\\sigma^2 (m-t)/m`.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import numpy as np
 import torch
 
 from .checks import int_in, non_negative, positive
+from .primitives import gaussian_noise
 
 __all__ = [
     "MODULUS",
@@ -189,10 +206,13 @@ def distributed_gaussian_noise(n_clients: int, size: int, *, total_std: float,
     """Noise shares ``[n_clients, size]``: each row :math:`\\mathcal N(0, \\sigma^2/n)`, so the sum
     over all clients is :math:`\\mathcal N(0, \\sigma^2)` with :math:`\\sigma` = ``total_std``.
 
-    If clients drop out, the sum carries less noise than planned; deployments over-provision the
-    per-client share for the expected dropout rate.
+    If fewer than ``n_clients`` clients contribute (a small Poisson cohort, dropouts) or some
+    collude and subtract their shares, the sum carries less noise than planned: :math:`k` honest
+    shares give variance :math:`k\\sigma^2/n`. Deployments over-provision the per-client share for
+    the expected dropout rate.
     """
     n_clients, size = int_in("n_clients", n_clients, 1), int_in("size", size, 1)
     total_std = non_negative("total_std", total_std)
-    std = total_std / np.sqrt(n_clients)
-    return torch.randn(n_clients, size, generator=generator, dtype=torch.float64) * std
+    gen = torch.default_generator if generator is None else generator
+    return gaussian_noise((n_clients, size), std=total_std / np.sqrt(n_clients), generator=gen,
+                          dtype=torch.float64)

@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import int_in, non_negative, positive
+from .checks import seed as check_seed
 from .data import validate_ratings
-from .metrics import evaluate_ratings
+from .metrics import canonical_order, evaluate_ratings
 from .models import BiasedMF
 
 __all__ = [
@@ -57,6 +58,18 @@ def _progress(total: int, enabled: bool | None, desc: str) -> tqdm:
                 leave=False)
 
 
+def _setup(model: BiasedMF, train: pd.DataFrame, *, epochs: int, batch_size: int, lr: float,
+           seed: int) -> tuple[int, int, torch.optim.Adam, torch.Generator]:
+    """Shared argument checks of the fitters; returns (epochs, batch_size, Adam, seeded generator)."""
+    if not isinstance(model, BiasedMF):
+        raise TypeError(f"model must be a BiasedMF, got {type(model).__name__}")
+    validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
+    epochs = int_in("epochs", epochs, 1)
+    batch_size = int_in("batch_size", batch_size, 1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=positive("lr", lr))
+    return epochs, batch_size, optimiser, torch.Generator().manual_seed(check_seed("seed", seed))
+
+
 def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: float = 0.01,
                  batch_size: int = 1024, reg: float = 0.1, bias_reg: float = 0.01, seed: int = 0,
                  validation: pd.DataFrame | None = None,
@@ -66,7 +79,7 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     The loss of a batch B is
 
     .. math:: \\frac{1}{|B|}\\sum_{(u,i)\\in B} (r_{ui}-\\hat r_{ui})^2
-              + \\lambda(\\lVert p_u\\rVert^2 + \\lVert q_i\\rVert^2) + \\lambda_b (b_u^2 + b_i^2),
+              + \\lambda(\\lVert p_u\\rVert^2 + \\lVert v_i\\rVert^2) + \\lambda_b (b_u^2 + b_i^2),
 
     so users and items are regularised in proportion to how often they appear (per-rating L2).
 
@@ -87,19 +100,13 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     progress:
         ``True`` always shows a progress bar, ``False`` never, ``None`` only for runs over 5 s.
     """
-    if not isinstance(model, BiasedMF):
-        raise TypeError(f"model must be a BiasedMF, got {type(model).__name__}")
-    validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
+    epochs, batch_size, optimiser, gen = _setup(model, train, epochs=epochs, batch_size=batch_size,
+                                                lr=lr, seed=seed)
     if validation is not None:
         validate_ratings(validation, n_users=model.n_users, n_items=model.n_items, name="validation")
-    epochs = int_in("epochs", epochs, 1)
-    batch_size = int_in("batch_size", batch_size, 1)
-    lr = positive("lr", lr)
     reg, bias_reg = non_negative("reg", reg), non_negative("bias_reg", bias_reg)
 
     users, items, ratings = ratings_to_tensors(train)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(int(seed))
     history = TrainHistory()
     start = time.perf_counter()
     with _progress(epochs, progress, "fit_explicit") as bar:
@@ -110,10 +117,10 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
                 idx = order[s:s + batch_size]
                 u, i, r = users[idx], items[idx], ratings[idx]
                 # Gather each touched row once; prediction and penalty share it.
-                p_u, q_i = model.user_factors[u], model.item_factors[i]
+                p_u, v_i = model.user_factors[u], model.item_factors[i]
                 b_u, b_i = model.user_bias[u], model.item_bias[i]
-                err = model.global_bias + b_u + b_i + (p_u * q_i).sum(1) - r
-                penalty = (reg * (p_u.square().sum(1) + q_i.square().sum(1))
+                err = model.global_bias + b_u + b_i + (p_u * v_i).sum(1) - r
+                penalty = (reg * (p_u.square().sum(1) + v_i.square().sum(1))
                            + bias_reg * (b_u.square() + b_i.square()))
                 loss = (err.square() + penalty).mean()
                 optimiser.zero_grad(set_to_none=True)
@@ -138,17 +145,12 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
     The loss is binary cross-entropy on the model's score used as a logit, plus L2 on the touched
     factors.
     """
-    if not isinstance(model, BiasedMF):
-        raise TypeError(f"model must be a BiasedMF, got {type(model).__name__}")
-    validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
-    epochs = int_in("epochs", epochs, 1)
-    batch_size = int_in("batch_size", batch_size, 1)
+    epochs, batch_size, optimiser, gen = _setup(model, train, epochs=epochs, batch_size=batch_size,
+                                                lr=lr, seed=seed)
     n_negatives = int_in("n_negatives", n_negatives, 1)
-    lr, reg = positive("lr", lr), non_negative("reg", reg)
+    reg = non_negative("reg", reg)
 
     users, items, _ = ratings_to_tensors(train)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(int(seed))
     history = TrainHistory()
     start = time.perf_counter()
     labels_per_batch = torch.cat([torch.ones(1), torch.zeros(n_negatives)])
@@ -162,10 +164,10 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
                 negatives = torch.randint(model.n_items, (len(idx), n_negatives), generator=gen)
                 i = torch.cat([items[idx, None], negatives], 1).reshape(-1)
                 labels = labels_per_batch.repeat(len(idx))
-                p_u, q_i = model.user_factors[u], model.item_factors[i]
+                p_u, v_i = model.user_factors[u], model.item_factors[i]
                 logits = (model.global_bias + model.user_bias[u] + model.item_bias[i]
-                          + (p_u * q_i).sum(1))
-                penalty = reg * (p_u.square().sum(1) + q_i.square().sum(1))
+                          + (p_u * v_i).sum(1))
+                penalty = reg * (p_u.square().sum(1) + v_i.square().sum(1))
                 loss = (torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, labels, reduction="none") + penalty).mean()
                 optimiser.zero_grad(set_to_none=True)
@@ -194,9 +196,11 @@ def fit_bias_baseline(train: pd.DataFrame, *, n_users: int, n_items: int, reg_us
     Minimises :math:`\\sum (r_{ui}-\\mu-b_u-b_i)^2 + \\lambda_u\\sum b_u^2 + \\lambda_i\\sum b_i^2` by
     alternating closed-form updates (Koren 2010, Sec. 2.1),
     :math:`b_i = \\sum_u (r_{ui}-\\mu-b_u)/(\\lambda_i + n_i)` and symmetrically for :math:`b_u`.
-    The default strengths are those of Surprise's ``BaselineOnly``.
+    The default strengths are those of Surprise's ``BaselineOnly``. The sums run over ``train`` in
+    :func:`~privrec.metrics.canonical_order`, so the result does not depend on the row order.
     """
     model = global_mean_model(train, n_users=n_users, n_items=n_items)
+    train = canonical_order(train)
     reg_user, reg_item = non_negative("reg_user", reg_user), non_negative("reg_item", reg_item)
     n_iter = int_in("n_iter", n_iter, 1)
     users, items, ratings = ratings_to_tensors(train)

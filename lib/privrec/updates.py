@@ -67,6 +67,31 @@ class ClientUpdates:
         dense = {name: v * factor.reshape(-1, *[1] * (v.dim() - 1)) for name, v in self.dense.items()}
         return ClientUpdates(self.clients, self.examples, rows, dense)
 
+    @staticmethod
+    def concat(parts: list[ClientUpdates]) -> ClientUpdates | None:
+        """One upload of the cohorts ``parts`` (disjoint clients, same keys); ``None`` if empty.
+
+        Row tables that shared one ``client_pos``/``row`` tensor in every part share it again.
+        """
+        if not parts:
+            return None
+        offsets = torch.tensor([0] + [len(p) for p in parts[:-1]]).cumsum(0)
+        first, rows, shared_index = parts[0], {}, {}
+        for name, head in first.rows.items():
+            key = id(head.row)
+            if key not in shared_index:
+                positions = [p.rows[name].client_pos + o for p, o in zip(parts, offsets, strict=True)]
+                shared_index[key] = (
+                    torch.cat(positions),
+                    torch.cat([p.rows[name].row for p in parts]),
+                    torch.cat([p.rows[name].examples for p in parts]))
+            pos, row, examples = shared_index[key]
+            rows[name] = RowUpdates(pos, row, torch.cat([p.rows[name].values for p in parts]),
+                                    examples)
+        dense = {name: torch.cat([p.dense[name] for p in parts]) for name in first.dense}
+        return ClientUpdates(torch.cat([p.clients for p in parts]),
+                             torch.cat([p.examples for p in parts]), rows, dense)
+
     def summed(self, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The sum over clients of every change, as dense tensors of the shared shapes."""
         out = {}

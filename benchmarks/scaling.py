@@ -1,0 +1,189 @@
+"""How cost grows: one FedAvg round, one DP-FedAvg round and one DP-SGD epoch on growing data.
+
+    .venv/bin/python benchmarks/scaling.py                    # every point (the last takes long)
+    .venv/bin/python benchmarks/scaling.py --max-users 100000 # the small points only
+    .venv/bin/python benchmarks/scaling.py --only-users 1000000 --workloads fedavg
+
+Data: :mod:`synthetic` long-tailed ratings (ML-100K-shaped per-user counts, Zipf items), 50
+ratings per user on average, users 10^3 .. 10^6, items ``clip(users / 10, 10^3, 10^5)``, so
+ratings run 5*10^4 .. 5*10^7. Model: biased MF, dim 32.
+
+Workloads (each point in a fresh process that loads the cached arrays, so its peak memory is its
+own; the parent kills a process whose resident memory passes ``--memory-cap-mib``):
+
+- ``fedavg``: :class:`privrec.federated.FederatedSimulator` with :class:`FederatedMF`
+  (cross-device: every user a client), plain FedAvg, all clients in the round; the time of the
+  second round (the first pays one-off allocations; both are recorded) and the set-up time;
+- ``dpfedavg``: the same round under :class:`privrec.dpfedavg.DPFedAvg` wrapping FedAvg
+  (Poisson sample rate 1, so the cohort is the same as FedAvg's: the difference is the cost of
+  per-client clipping and noise), clip norm 1, noise multiplier 1;
+- ``dpsgd``: :class:`privrec.dpsgd.DPSGD` at sample rate 1/64, so one epoch is 64 steps with an
+  expected batch of ratings/64; ``--dpsgd-steps`` steps are timed after one warm-up step and the
+  median step time is multiplied by 64.
+
+The growth exponent ``k`` of ``time ~ ratings^k`` is a least-squares fit of log time on log
+ratings, over all points and over the points with at least 10^6 ratings (below that, fixed
+per-call overheads flatten the curve). The machine is shared: timings carry that caveat, recorded
+with the load average in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+from _common import current_rss_mib, load_results, peak_rss_mib, run_measured, save_section
+
+USERS = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+WORKLOADS = ("fedavg", "dpfedavg", "dpsgd")
+RATINGS_PER_USER, DIM, DPSGD_RATE = 50, 32, 1 / 64
+
+
+def config(n_users: int) -> tuple[int, int, int]:
+    n_items = int(min(max(n_users // 10, 1_000), 100_000))
+    return n_users, n_items, RATINGS_PER_USER * n_users
+
+
+def _federated(users, items, ratings, n_users, n_items, *, private: bool) -> dict:
+    from privrec.federated import FederatedMF, FederatedSimulator
+    from privrec.strategies import FedAvg
+
+    start = time.perf_counter()
+    model = FederatedMF.from_arrays(users, items, ratings, n_users=n_users, n_items=n_items, dim=DIM)
+    strategy = FedAvg()
+    if private:
+        from privrec.dpfedavg import DPFedAvg
+        strategy = DPFedAvg(strategy, n_clients=model.n_clients, sample_rate=1.0, clip_norm=1.0,
+                            noise_multiplier=1.0)
+    sim = FederatedSimulator(model, strategy)
+    setup = time.perf_counter() - start
+    rounds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        sim.round()
+        rounds.append(time.perf_counter() - start)
+    return {"setup_s": setup, "first_round_s": rounds[0], "seconds": rounds[1]}
+
+
+def _dpsgd(users, items, ratings, n_users, n_items, *, steps: int) -> dict:
+    import pandas as pd
+
+    from privrec.dpsgd import DPSGD
+    from privrec.models import BiasedMF
+
+    start = time.perf_counter()
+    train = pd.DataFrame({"user": users, "item": items, "rating": ratings}, copy=False)
+    trainer = DPSGD(BiasedMF(n_users, n_items, DIM, global_mean=3.0), train, clip_norm=1.0,
+                    noise_multiplier=1.0, sample_rate=DPSGD_RATE, lr=0.01, seed=0)
+    setup = time.perf_counter() - start
+    trainer.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - start)
+    per_step = statistics.median(times)
+    return {"setup_s": setup, "step_s": per_step, "steps_timed": steps,
+            "steps_per_epoch": round(1 / DPSGD_RATE), "seconds": per_step * round(1 / DPSGD_RATE)}
+
+
+def child(workload: str, n_users: int, args) -> None:
+    """Measure one point in this (fresh) process and print it as one JSON line."""
+    import torch
+    from synthetic import cached
+
+    import privrec.dpsgd  # noqa: F401 - imports before the baseline
+    import privrec.federated  # noqa: F401
+
+    torch.set_num_threads(1)
+    n_users, n_items, n_ratings = config(n_users)
+    users, items, ratings = cached(n_users, n_items, n_ratings)
+    base = current_rss_mib()
+    if workload == "dpsgd":
+        out = _dpsgd(users, items, ratings, n_users, n_items, steps=args.dpsgd_steps)
+    else:
+        out = _federated(users, items, ratings, n_users, n_items, private=workload == "dpfedavg")
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    print(json.dumps({**out, "data_rss_mib": round(base, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}))
+
+
+def fit_exponent(points: list[dict], min_ratings: int = 0) -> float | None:
+    pts = [p for p in points if p.get("ok") and p["ratings"] >= min_ratings]
+    if len(pts) < 2:
+        return None
+    x = np.log([p["ratings"] for p in pts])
+    y = np.log([p["seconds"] for p in pts])
+    return round(float(np.polyfit(x, y, 1)[0]), 3)
+
+
+def summarise(points: list[dict]) -> dict:
+    return {w: {"k_all": fit_exponent([p for p in points if p["workload"] == w]),
+                "k_from_1e6_ratings": fit_exponent([p for p in points if p["workload"] == w],
+                                                   10**6)}
+            for w in WORKLOADS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-users", type=int, default=max(USERS))
+    parser.add_argument("--only-users", type=int, nargs="*")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--dpsgd-steps", type=int, default=3)
+    parser.add_argument("--memory-cap-mib", type=float, default=12_000)
+    parser.add_argument("--timeout-s", type=float, default=1800)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], int(args.child[1]), args)
+
+    from synthetic import cached, describe
+
+    old = load_results().get("scaling", {})
+    points = {(p["workload"], p["users"]): p for p in old.get("points", [])}
+    tails = old.get("data", {})
+    for n_users in (args.only_users or [u for u in USERS if u <= args.max_users]):
+        n_users, n_items, n_ratings = config(n_users)
+        start = time.perf_counter()
+        users = cached(n_users, n_items, n_ratings)[0]
+        tails[str(n_users)] = {"items": n_items, **describe(users, n_users),
+                               "generate_or_load_s": round(time.perf_counter() - start, 1)}
+        del users
+        for workload in args.workloads:
+            record = run_measured([sys.executable, __file__, "--child", workload, str(n_users),
+                                   "--dpsgd-steps", str(args.dpsgd_steps)],
+                                  timeout_s=args.timeout_s, memory_cap_mib=args.memory_cap_mib,
+                                  env={"OMP_NUM_THREADS": "1"})
+            record.update(workload=workload, users=n_users, items=n_items,
+                          ratings=tails[str(n_users)]["ratings"],
+                          load_average_1min=round(os.getloadavg()[0], 2))
+            points[(workload, n_users)] = record
+            secs = record.get("seconds", math.nan)
+            print(f"{workload:<9} users {n_users:>9,} items {n_items:>7,} ratings "
+                  f"{record['ratings']:>11,}: "
+                  + (f"{secs:9.2f} s, peak {record['peak_rss_mib']:8.0f} MiB "
+                     f"(data {record['data_rss_mib']:.0f} MiB)" if record["ok"]
+                     else f"FAILED: {record['error']}"), flush=True)
+            if not args.no_save:
+                ordered = sorted(points.values(), key=lambda p: (WORKLOADS.index(p["workload"]),
+                                                                 p["users"]))
+                save_section("scaling", {
+                    "config": {"ratings_per_user": RATINGS_PER_USER, "dim": DIM,
+                               "items": "clip(users / 10, 1e3, 1e5)", "dpsgd_sample_rate": DPSGD_RATE,
+                               "dpsgd_steps_timed": args.dpsgd_steps,
+                               "memory_cap_mib": args.memory_cap_mib},
+                    "data": tails, "points": ordered, "exponents": summarise(ordered),
+                    "bar": {"fedavg_1e6_clients_peak_gib_at_most": 8, "k_at_most": 1.1}})
+    final = load_results().get("scaling", {}).get("exponents") if not args.no_save else None
+    if final:
+        print("growth exponents k (time ~ ratings^k):", json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()
