@@ -109,9 +109,11 @@ def test_training_beats_baselines_on_synthetic(syn):
     model = BiasedMF(ml.n_users, ml.n_items, 4, global_mean=float(train["rating"].mean()), seed=0)
     history = fit_explicit(model, train, epochs=40, batch_size=128, reg=0.02, validation=test,
                            progress=False)
-    assert len(history.train_loss) == 40 and len(history.val_rmse) == 40
-    assert history.train_loss[-1] < history.train_loss[0]
-    assert history.val_rmse[-1] < bias_rmse < mean_rmse
+    curves = history.history
+    assert history.model is model and history.ledger is None and history.epsilon == float("inf")
+    assert len(curves["train_loss"]) == 40 and len(curves["val_rmse"]) == 40
+    assert curves["train_loss"][-1] < curves["train_loss"][0]
+    assert curves["val_rmse"][-1] < bias_rmse < mean_rmse
 
 
 def test_training_is_seeded(syn):

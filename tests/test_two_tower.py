@@ -232,6 +232,8 @@ def test_federated_implicit_bad_inputs():
     fed = FederatedImplicit(model, ml.ratings)
     with pytest.raises(ValueError, match="clients"):
         fed.local_training(fed.shared_state(), torch.tensor([60]))
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        fed.local_training(fed.shared_state(), torch.tensor([3, 1]))
 
 
 def test_uploads_carry_no_autograd_graph_even_with_a_frozen_shared_parameter():

@@ -21,7 +21,8 @@ the item-set precision down to :math:`1/(1+\\rho)` at a utility and bandwidth co
 (:class:`~privrec.dpfedavg.DPFedAvg`) does *not* hide the uploads either: it clips on the server
 (server-side fixed clipping), so the server receives the raw updates and both attacks run on them
 unchanged; clipped on the client, an update keeps its item set (clipping rescales, it does not
-zero rows) and ``invert_ratings(..., rescaled=True)`` solves for the unknown scale as well. Hiding the individual update needs secure aggregation (Bonawitz et al. 2017) or local noise.
+zero rows) and ``invert_ratings(..., rescaled=True)`` solves for the unknown scale as well.
+Hiding the individual update needs secure aggregation (Bonawitz et al. 2017) or local noise.
 """
 
 from __future__ import annotations
@@ -110,6 +111,18 @@ def score_item_sets(predicted: pd.DataFrame, truth: pd.DataFrame) -> dict[str, f
     }
 
 
+def _factor(a: torch.Tensor, g: torch.Tensor, q0: torch.Tensor, b0: torch.Tensor,
+            position: torch.Tensor, n_clients: int, *, local_lr: float, reg: float,
+            bias_reg: float) -> torch.Tensor:
+    """Each client's :math:`p_u` from an unscaled upload: every factor row is :math:`e_{ui}p_u`."""
+    scaled_p = (g / local_lr + 2 * reg * q0) / 2
+    e = (a / local_lr + 2 * bias_reg * b0) / 2
+    num = torch.zeros(n_clients, q0.shape[1], dtype=torch.double).index_add_(
+        0, position, e[:, None] * scaled_p)
+    den = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, e.square())
+    return num / den.clamp(min=1e-300)[:, None]
+
+
 def _factor_and_scale(a: torch.Tensor, g: torch.Tensor, q0: torch.Tensor, b0: torch.Tensor,
                       position: torch.Tensor, n_clients: int, *, local_lr: float, reg: float,
                       bias_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,15 +178,9 @@ def invert_ratings(upload: ClientUpdates, broadcast: dict[str, torch.Tensor], *,
     ``local_epochs`` is the protocol's public setting; only 1 is supported (several local steps
     make the map from ratings to update non-linear: invert it by optimisation, as in DLG).
 
-    Returns
-    -------
-    ``DataFrame(client, item, rating)`` with the recovered (unclamped) ratings of every uploaded row.
-
-    Raises
-    ------
-    TypeError, ValueError
-        For an upload that is not an MF ``ClientUpdates`` or aggregates several users per client,
-        ``local_epochs`` other than 1, or a non-positive constant.
+    Returns ``DataFrame(client, item, rating)``, the recovered (unclamped) rating of every uploaded
+    row. Raises ``TypeError``/``ValueError`` for an upload that is not a cross-device MF
+    ``ClientUpdates``, ``local_epochs`` other than 1, or a non-positive constant.
     """
     upload = _check_upload(upload)
     if local_epochs != 1:
@@ -193,12 +200,8 @@ def invert_ratings(upload: ClientUpdates, broadcast: dict[str, torch.Tensor], *,
         p, scale = _factor_and_scale(a, g, q0, b0, position, n_clients, local_lr=local_lr,
                                      reg=reg, bias_reg=bias_reg)
     else:
-        scaled_p = (g / local_lr + 2 * reg * q0) / 2     # = e_ui * p_u
-        e = (a / local_lr + 2 * bias_reg * b0) / 2
-        num = torch.zeros(n_clients, q0.shape[1], dtype=torch.double).index_add_(
-            0, position, e[:, None] * scaled_p)
-        den = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, e.square())
-        p, scale = num / den.clamp(min=1e-300)[:, None], torch.ones(n_clients, dtype=torch.double)
+        p, scale = _factor(a, g, q0, b0, position, n_clients, local_lr=local_lr, reg=reg,
+                           bias_reg=bias_reg), torch.ones(n_clients, dtype=torch.double)
     err = (a / (scale[position] * local_lr) + 2 * bias_reg * b0) / 2
     n_rows = torch.bincount(position, minlength=n_clients).double()
     b_u = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, err) / (n_rows * bias_reg)

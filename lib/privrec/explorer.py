@@ -129,6 +129,67 @@ def _finite_json(value: object) -> object:
     return value
 
 
+def _check_records(records: Sequence[Mapping[str, object]], controls: list[str],
+                   metrics: Mapping[str, str], series: str | None) -> None:
+    """Raise ``ValueError`` unless every record has every control and metric, once per
+    configuration."""
+    if not records:
+        raise ValueError("records must not be empty")
+    if not controls or controls[0] != "epsilon":
+        raise ValueError("controls must start with 'epsilon'")
+    if series is not None and series not in controls:
+        raise ValueError(f"series={series!r} must be one of controls {controls}")
+    if not metrics:
+        raise ValueError("metrics must name at least one metric")
+    seen: dict[tuple, int] = {}
+    for k, rec in enumerate(records):
+        missing = [c for c in (*controls, *metrics) if c not in rec]
+        if missing:
+            raise ValueError(f"records[{k}] lacks {missing}")
+        key = tuple(_finite_json(rec[c]) for c in controls)
+        if key in seen:
+            raise ValueError(f"records[{seen[key]}] and records[{k}] have the same configuration "
+                             f"{dict(zip(controls, key, strict=True))}; each configuration must "
+                             f"appear once")
+        seen[key] = k
+
+
+def _sliders(values: dict[str, list], labels: Mapping[str, str],
+             start: Mapping[str, object]) -> str:
+    """One range input per control, set to the position of its initial value."""
+    html_parts = []
+    for c, options in values.items():
+        want = _finite_json(start[c])
+        if want not in options:
+            raise ValueError(f"initial[{c!r}] must be one of the records' values {options}, "
+                             f"got {want!r}")
+        html_parts.append(
+            f'<label style="display:inline-block;margin-right:1.5em">{html.escape(labels[c])} '
+            f'<input type="range" name="{html.escape(c)}" min="0" max="{len(options) - 1}" '
+            f'step="1" value="{options.index(want)}"> <output name="{html.escape(c)}"></output>'
+            f'</label>')
+    return "".join(html_parts)
+
+
+def _assemble(spec: dict, root_id: str, sliders: str, title: str) -> str:
+    """The explorer's ``<div>``: heading, sliders, metric menu, SVG, read-out, data and script."""
+    metric_options = "".join(f'<option value="{html.escape(k)}">{html.escape(v)}</option>'
+                             for k, v in spec["metricLabels"].items())
+    payload = json.dumps(spec).replace("</", "<\\/")
+    script = _SCRIPT.replace("ROOT_ID", json.dumps(root_id))
+    return (
+        f'<div id="{root_id}" class="privrec-explorer" style="font-family:sans-serif;'
+        f'font-size:13px;max-width:600px">'
+        + (f"<strong>{html.escape(title)}</strong><br>" if title else "")
+        + sliders
+        + f'<label>metric <select name="metric">{metric_options}</select></label>'
+        + '<svg width="560" height="300" role="img" aria-label="privacy-utility chart"></svg>'
+        + '<div class="privrec-readout" style="font-family:monospace"></div>'
+        + f'<script type="application/json">{payload}</script>'
+        + f"<script>{script}</script></div>"
+    )
+
+
 def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence[str],
                   metrics: Mapping[str, str], series: str | None = None,
                   references: Sequence[Mapping[str, object]] = (),
@@ -152,7 +213,7 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
     references:
         Horizontal reference lines: dicts with a ``label`` and a value per metric.
     control_labels, initial, title:
-        Display labels, initial slider values, and a heading.
+        Display labels, initial slider values (default: the first record's), and a heading.
     epsilon_label:
         The label of the :math:`\\varepsilon` axis; name the privacy unit and :math:`\\delta`
         (e.g. ``"user-level ε (δ = 1e-5)"``).
@@ -169,68 +230,18 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
         no metrics, a record lacking a control or metric, two records with the same values of
         every control, or an initial value that no record has.
     """
-    if not records:
-        raise ValueError("records must not be empty")
     controls = list(controls)
-    if not controls or controls[0] != "epsilon":
-        raise ValueError("controls must start with 'epsilon'")
-    if series is not None and series not in controls:
-        raise ValueError(f"series={series!r} must be one of controls {controls}")
-    if not metrics:
-        raise ValueError("metrics must name at least one metric")
-    for k, rec in enumerate(records):
-        missing = [c for c in (*controls, *metrics) if c not in rec]
-        if missing:
-            raise ValueError(f"records[{k}] lacks {missing}")
-    seen: dict[tuple, int] = {}
-    for k, rec in enumerate(records):
-        key = tuple(_finite_json(rec[c]) for c in controls)
-        if key in seen:
-            raise ValueError(f"records[{seen[key]}] and records[{k}] have the same configuration "
-                             f"{dict(zip(controls, key))}; each configuration must appear once")
-        seen[key] = k
-    labels = {c: c for c in controls} | dict(control_labels or {})
-    values = {}
-    for c in controls:
-        # Distinct values (a set), so the order is total: ascending, non-private (None) last.
-        values[c] = sorted({_finite_json(rec[c]) for rec in records},
-                           key=lambda v: (v is None, 0 if v is None else v))
-    start = dict(initial or {})
-    spec = {
-        "records": [{k: _finite_json(v) for k, v in rec.items()} for rec in records],
-        "values": values,
-        "series": series,
-        "fixed": [c for c in controls if c not in ("epsilon", series)],
-        "metricLabels": dict(metrics),
-        "readout": list(metrics),
-        "references": [dict(r) for r in references],
-        "epsilonLabel": str(epsilon_label),
-    }
-    root_id = f"privrec-explorer-{uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(spec, sort_keys=True)).hex[:12]}"
-    sliders = []
-    for c in controls:
-        options = values[c]
-        want = _finite_json(start.get(c, records[0][c]))
-        if want not in options:
-            raise ValueError(f"initial[{c!r}] must be one of the records' values {options}, "
-                             f"got {want!r}")
-        index = options.index(want)
-        sliders.append(
-            f'<label style="display:inline-block;margin-right:1.5em">{html.escape(labels[c])} '
-            f'<input type="range" name="{html.escape(c)}" min="0" max="{len(options) - 1}" '
-            f'step="1" value="{index}"> <output name="{html.escape(c)}"></output></label>')
-    metric_options = "".join(f'<option value="{html.escape(k)}">{html.escape(v)}</option>'
-                             for k, v in metrics.items())
-    payload = json.dumps(spec).replace("</", "<\\/")
-    script = _SCRIPT.replace("ROOT_ID", json.dumps(root_id))
-    return (
-        f'<div id="{root_id}" class="privrec-explorer" style="font-family:sans-serif;'
-        f'font-size:13px;max-width:600px">'
-        + (f"<strong>{html.escape(title)}</strong><br>" if title else "")
-        + "".join(sliders)
-        + f'<label>metric <select name="metric">{metric_options}</select></label>'
-        + '<svg width="560" height="300" role="img" aria-label="privacy-utility chart"></svg>'
-        + '<div class="privrec-readout" style="font-family:monospace"></div>'
-        + f'<script type="application/json">{payload}</script>'
-        + f"<script>{script}</script></div>"
-    )
+    _check_records(records, controls, metrics, series)
+    # Distinct values (a set), so the order is total: ascending, non-private (None) last.
+    values = {c: sorted({_finite_json(rec[c]) for rec in records},
+                        key=lambda v: (v is None, 0 if v is None else v)) for c in controls}
+    spec = {"records": [{k: _finite_json(v) for k, v in rec.items()} for rec in records],
+            "values": values, "series": series,
+            "fixed": [c for c in controls if c not in ("epsilon", series)],
+            "metricLabels": dict(metrics), "readout": list(metrics),
+            "references": [dict(r) for r in references], "epsilonLabel": str(epsilon_label)}
+    digest = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(spec, sort_keys=True)).hex[:12]
+    root_id = f"privrec-explorer-{digest}"
+    sliders = _sliders(values, {c: c for c in controls} | dict(control_labels or {}),
+                       {c: records[0][c] for c in controls} | dict(initial or {}))
+    return _assemble(spec, root_id, sliders, title)

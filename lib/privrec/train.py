@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -24,9 +23,9 @@ from .checks import seed as check_seed
 from .data import validate_ratings
 from .metrics import canonical_order, evaluate_ratings
 from .models import BiasedMF
+from .results import FitResult
 
 __all__ = [
-    "TrainHistory",
     "fit_explicit",
     "fit_implicit",
     "fit_bias_baseline",
@@ -34,15 +33,6 @@ __all__ = [
     "popularity_scores",
     "ratings_to_tensors",
 ]
-
-
-@dataclass
-class TrainHistory:
-    """Per-epoch record of a training run."""
-
-    train_loss: list[float] = field(default_factory=list)
-    val_rmse: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def ratings_to_tensors(ratings: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +63,7 @@ def _setup(model: BiasedMF, train: pd.DataFrame, *, epochs: int, batch_size: int
 def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: float = 0.01,
                  batch_size: int = 1024, reg: float = 0.1, bias_reg: float = 0.01, seed: int = 0,
                  validation: pd.DataFrame | None = None,
-                 progress: bool | None = None) -> TrainHistory:
+                 progress: bool | None = None) -> FitResult:
     """Fit ``model`` to ratings by mini-batch Adam on the regularised squared error.
 
     The loss of a batch B is
@@ -99,6 +89,12 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
         Optional ratings table; its RMSE is recorded after every epoch.
     progress:
         ``True`` always shows a progress bar, ``False`` never, ``None`` only for runs over 5 s.
+
+    Returns
+    -------
+    FitResult
+        ``history`` has ``"train_loss"`` and ``"val_rmse"`` (one value per epoch; the latter empty
+        without ``validation``); ``ledger`` is ``None`` (not private).
     """
     epochs, batch_size, optimiser, gen = _setup(model, train, epochs=epochs, batch_size=batch_size,
                                                 lr=lr, seed=seed)
@@ -107,7 +103,7 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     reg, bias_reg = non_negative("reg", reg), non_negative("bias_reg", bias_reg)
 
     users, items, ratings = ratings_to_tensors(train)
-    history = TrainHistory()
+    history: dict[str, list[float]] = {"train_loss": [], "val_rmse": []}
     start = time.perf_counter()
     with _progress(epochs, progress, "fit_explicit") as bar:
         for _ in range(epochs):
@@ -127,17 +123,16 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(idx)
-            history.train_loss.append(total / len(ratings))
+            history["train_loss"].append(total / len(ratings))
             if validation is not None:
-                history.val_rmse.append(evaluate_ratings(model, validation)["rmse"])
+                history["val_rmse"].append(evaluate_ratings(model, validation)["rmse"])
             bar.update()
-    history.seconds = time.perf_counter() - start
-    return history
+    return FitResult(model, history, None, time.perf_counter() - start)
 
 
 def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: float = 0.01,
                  batch_size: int = 1024, n_negatives: int = 4, reg: float = 1e-4, seed: int = 0,
-                 progress: bool | None = None) -> TrainHistory:
+                 progress: bool | None = None) -> FitResult:
     """Fit ``model`` to implicit feedback (a rating means "interacted") with sampled negatives.
 
     Each observed pair is a positive; ``n_negatives`` items drawn uniformly per positive are
@@ -151,7 +146,7 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
     reg = non_negative("reg", reg)
 
     users, items, _ = ratings_to_tensors(train)
-    history = TrainHistory()
+    history: dict[str, list[float]] = {"train_loss": [], "val_rmse": []}
     start = time.perf_counter()
     labels_per_batch = torch.cat([torch.ones(1), torch.zeros(n_negatives)])
     with _progress(epochs, progress, "fit_implicit") as bar:
@@ -174,10 +169,9 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(idx)
-            history.train_loss.append(total / len(users))
+            history["train_loss"].append(total / len(users))
             bar.update()
-    history.seconds = time.perf_counter() - start
-    return history
+    return FitResult(model, history, None, time.perf_counter() - start)
 
 
 def global_mean_model(train: pd.DataFrame, *, n_users: int, n_items: int) -> BiasedMF:

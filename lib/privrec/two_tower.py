@@ -1,5 +1,4 @@
-"""A two-tower recommender whose item tower is a frozen text encoder plus a small adapter, and the
-clients that train it (or any model with user and shared parameters) federatedly.
+"""A two-tower recommender (item tower: frozen text encoder plus a small adapter) and its clients.
 
 With :math:`x_i = P^\\top(e_i-\\bar e)`, the public embedding :math:`e_i` of item :math:`i`
 (:mod:`privrec.text_encoder`) compressed to its top ``text_dim`` principal coordinates, the score is
@@ -174,9 +173,8 @@ def _parameter_names(model: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
     shared = getattr(model, "shared_parameter_names", None)
     if not isinstance(model, nn.Module) or user is None or shared is None \
             or not hasattr(model, "predict_unchecked"):
-        raise TypeError("model must be an nn.Module with user_parameter_names, "
-                        "shared_parameter_names and predict_unchecked (e.g. TwoTowerRecommender "
-                        f"or BiasedMF), got {type(model).__name__}")
+        raise TypeError("model must be an nn.Module with user_parameter_names, shared_parameter_"
+                        f"names and predict_unchecked, got {type(model).__name__}")
     return tuple(user), tuple(shared)
 
 
@@ -206,6 +204,18 @@ def _implicit_batch(positives: torch.Tensor, pool: torch.Tensor, *, n_negatives:
     items = torch.cat([positives[..., None], negatives], -1).reshape(*shape[:-1], -1)
     labels = torch.cat([torch.ones(1), torch.zeros(n_negatives)]).repeat(shape[-1])
     return items, labels
+
+
+def _l2_penalty(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
+                shared_names: tuple[str, ...]) -> torch.Tensor:
+    """Squared norms of the touched user and item-table rows (batch means), plus those of the
+    other shared parameters except :math:`\\mu`."""
+    rows = [model.user_factors[users]] + [getattr(model, n)[items] for n in shared_names
+                                          if n.startswith("item_")]
+    dense = [getattr(model, n) for n in shared_names if not n.startswith("item_")
+             and n != "global_bias"]
+    return (sum(r.reshape(len(users), -1).square().sum(1).mean() for r in rows)
+            + sum(p.square().sum() for p in dense))
 
 
 def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr: float = 0.01,
@@ -250,9 +260,6 @@ def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr
     users = torch.as_tensor(train["user"].to_numpy(np.int64))
     items = torch.as_tensor(train["item"].to_numpy(np.int64))
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    tables = [getattr(model, n) for n in shared_names if n.startswith("item_")]
-    dense = [getattr(model, n) for n in shared_names
-             if not n.startswith("item_") and n != "global_bias"]
     losses, start = [], time.perf_counter()
     for _ in range(epochs):
         order, total = torch.randperm(len(users), generator=gen), 0.0
@@ -263,11 +270,8 @@ def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr
             u, i = users[idx].repeat_interleave(n_negatives + 1), batch.reshape(-1)
             loss = nn.functional.binary_cross_entropy_with_logits(
                 model.predict_unchecked(u, i), labels.repeat(len(idx)))
-            touched = [model.user_factors[u]] + [t[i] for t in tables]
-            penalty = reg * (sum(t.reshape(len(u), -1).square().sum(1).mean() for t in touched)
-                             + sum(p.square().sum() for p in dense))
             optimiser.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
+            (loss + reg * _l2_penalty(model, u, i, shared_names)).backward()
             optimiser.step()
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(users))
@@ -304,17 +308,14 @@ class FederatedImplicit:
 
     Parameters
     ----------
-    model:
-        The model; its current shared parameters are the server's initial state.
-    train:
-        Ratings ``user, item`` (each one a positive).
+    model, train:
+        The model (its shared parameters are the server's initial state); ratings (positives).
     negative_items:
         Pool of negatives (default all items; pass the warm items in a cold-start experiment).
     personalise_steps:
-        Local steps each client takes on its own user rows against the final shared model in
-        :meth:`released_model` (no communication).
+        Steps each client takes on its own rows against the released model (no communication).
     seed:
-        Seed of the clients' sampling of positives and negatives.
+        Seeds the clients' sampling of positives and negatives.
 
     Raises
     ------
@@ -394,12 +395,13 @@ class FederatedImplicit:
     @torch.no_grad()  # torch.func.grad still differentiates; nothing else builds a graph
     def local_training(self, shared: dict[str, torch.Tensor],
                        clients: torch.Tensor) -> ClientUpdates:
-        """Train ``clients`` from ``shared``; return their uploads (see the class docstring).
+        """Train the (sorted) ``clients`` from ``shared``; return their uploads (class docstring).
 
-        ``examples`` counts the examples each client trained on (the same for every client with
-        data, so example-weighted FedAvg is a plain mean); a client without positives uploads a
-        zero change with weight 0. Item-table rows carry how often the client used them."""
+        ``examples``: the examples each client trained on (equal for all clients with data, so
+        FedAvg's weighting is a plain mean; 0 and a zero change for a client without data)."""
         clients = as_index_tensor(clients, name="clients", upper=self.n_clients)
+        if bool((clients[1:] <= clients[:-1]).any()):
+            raise ValueError("clients must be sorted and distinct (as the engine samples them)")
         active = clients[self.counts[clients] > 0]
         local = {n: shared[n].detach().expand(len(active), *shared[n].shape).clone()
                  for n in self.shared_names}

@@ -1,0 +1,1 @@
+"""privrec on Flower: the ClientApp and ServerApp of the book's federated recommender."""

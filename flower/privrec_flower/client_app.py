@@ -1,0 +1,88 @@
+"""The ClientApp: one silo of users. Its ratings and its users' rows never leave this process.
+
+Message types (Flower's Message API):
+
+* ``query``: answer with this SuperNode's ``partition-id`` (the server maps silos to nodes);
+* ``train`` (article steps 2-4 on the client): receive the broadcast, run privrec's
+  :meth:`~privrec.federated.FederatedMF.local_training` for this silo, reply with the sparse
+  change of the shared parameters only;
+* ``evaluate``: test squared error of the personalised model on this silo's held-out ratings.
+
+User rows persist between rounds in ``context.state`` (kept by the SuperNode, never sent).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from privrec_flower.task import RunConfig, decode_state, encode_update, silo_data
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def _silo(context: Context, overrides: dict):
+    """This node's silo id, its FederatedMF and test ratings (built once per process and run)."""
+    torch.set_num_threads(1)
+    cfg = RunConfig.of(context.run_config, **overrides)
+    silo = int(context.node_config["partition-id"])
+    key = (context.run_id, silo)
+    if key not in _CACHE:
+        _CACHE[key] = (silo, *silo_data(cfg, silo))
+    silo, model, test = _CACHE[key]
+    if "user-rows" in context.state:                      # restore the devices' own state
+        rows = context.state["user-rows"]
+        model.user_factors.copy_(torch.from_numpy(rows["user_factors"].numpy()))
+        model.user_bias.copy_(torch.from_numpy(rows["user_bias"].numpy()))
+    return silo, model, test
+
+
+def _keep_user_rows(context: Context, model) -> None:
+    mine = torch.as_tensor(model.partition.client_of_user) == int(
+        context.node_config["partition-id"])
+    factors, bias = model.user_factors.clone(), model.user_bias.clone()
+    factors[~mine], bias[~mine] = 0.0, 0.0                 # only this silo's users' rows
+    context.state["user-rows"] = ArrayRecord({"user_factors": factors, "user_bias": bias})
+
+
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which silo this SuperNode holds."""
+    silo = int(context.node_config["partition-id"])
+    return Message(RecordDict({"node": ConfigRecord({"partition-id": silo})}), reply_to=msg)
+
+
+def train(msg: Message, context: Context, overrides: dict) -> Message:
+    """Local training from the broadcast; the reply is this silo's sparse update."""
+    silo, model, _ = _silo(context, overrides)
+    shared = decode_state(msg.content["shared"])
+    up = model.local_training(shared, torch.tensor([silo]))
+    _keep_user_rows(context, model)
+    content = encode_update(up)
+    content["metrics"] = MetricRecord({"partition-id": silo, "examples": float(up.examples[0]),
+                                       "rows": len(next(iter(up.rows.values())).row)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, overrides: dict) -> Message:
+    """Sum of squared test errors of the released model on this silo (users personalised here)."""
+    silo, model, test = _silo(context, overrides)
+    shared = decode_state(msg.content["shared"])
+    rmse = model.evaluate(shared, test)["rmse"] if len(test) else 0.0
+    _keep_user_rows(context, model)
+    return Message(RecordDict({"metrics": MetricRecord(
+        {"partition-id": silo, "sse": float(rmse) ** 2 * len(test), "n": len(test)})}),
+        reply_to=msg)
+
+
+def make_client_app(**overrides) -> ClientApp:
+    """A ClientApp; ``overrides`` replace run-config values (for the Simulation Engine, whose
+    Python entry point passes no run config)."""
+    client = ClientApp()
+    client.query()(query)
+    client.train()(lambda msg, context: train(msg, context, overrides))
+    client.evaluate()(lambda msg, context: evaluate(msg, context, overrides))
+    return client
+
+
+app = make_client_app()

@@ -1,0 +1,104 @@
+"""One algorithm, three engines: (a) privrec's simulator, (b) Flower's Simulation Engine,
+(c) Flower's Deployment Engine (``flower/deploy.py``); and the comparison of their models.
+
+(a) is the reference. The Flower runs use the same seeds, partition and strategy objects, and feed
+the clients' updates to the strategy in silo order, so their models agree with (a) to float
+rounding. When silos drop out (a killed SuperNode), the reference is (a) with each round's cohort
+restricted to the silos that answered (:class:`RealisedCohort`); the DP noise stream and the ledger
+are then the simulator's own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from privrec.federated import FederatedSimulator
+from privrec.updates import ClientUpdates
+from privrec_flower.task import RunConfig, full_model, make_strategy
+
+
+class RealisedCohort:
+    """A :class:`~privrec.updates.FederatedModel` whose round ``r`` trains only the sampled
+    clients that are in ``realised[r - 1]`` (the silos that answered in a Flower run)."""
+
+    def __init__(self, model, realised: list[list[int]]) -> None:
+        self.model, self.realised, self.calls = model, realised, 0
+        self.n_clients, self.privacy_unit = model.n_clients, model.privacy_unit
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return self.model.shared_state()
+
+    def local_training(self, shared, clients) -> ClientUpdates:
+        keep = torch.as_tensor(self.realised[self.calls], dtype=torch.long)
+        self.calls += 1
+        return self.model.local_training(shared, clients[torch.isin(clients, keep)])
+
+
+def simulate(cfg: RunConfig, *, realised: list[list[int]] | None = None) -> tuple[dict, dict]:
+    """Way (a): privrec's :class:`~privrec.federated.FederatedSimulator`, round by round."""
+    model, test = full_model(cfg)
+    engine_model = model if realised is None else RealisedCohort(model, realised)
+    strategy = make_strategy(cfg, n_clients=model.n_clients, unit=model.privacy_unit)
+    sim = FederatedSimulator(engine_model, strategy)
+    rounds = []
+    for r in range(1, int(cfg["num-server-rounds"]) + 1):
+        start = time.perf_counter()
+        record = sim.round()
+        rounds.append({"round": r, "sampled": record.clients.tolist(), "bytes_up": record.bytes_up,
+                       "bytes_down": record.bytes_down, "seconds": time.perf_counter() - start,
+                       "epsilon": sim.ledger.epsilon() if sim.ledger is not None else math.inf})
+    rmse = model.evaluate(sim.shared, test)["rmse"] if cfg["evaluate"] else None
+    ledger = sim.ledger
+    return ({"rounds": rounds, "test_rmse": rmse, "strategy": repr(strategy),
+             "epsilon": ledger.epsilon() if ledger is not None else math.inf,
+             "ledger": ledger.summary() if ledger is not None else "no privacy (epsilon = inf)"},
+            {k: v.clone() for k, v in sim.shared.items()})
+
+
+def simulation_engine(cfg: RunConfig) -> tuple[dict, dict]:
+    """Way (b): Flower's Simulation Engine (Ray backend), the same ClientApp and ServerApp."""
+    import tempfile
+    from pathlib import Path
+
+    from flwr.simulation import run_simulation
+
+    from privrec_flower.client_app import make_client_app
+    from privrec_flower.server_app import make_server_app
+
+    with tempfile.TemporaryDirectory(prefix="privrec-flower-sim-") as out:
+        values = {**cfg.values, "out-dir": out, "gate-dir": ""}
+        start = time.perf_counter()
+        run_simulation(server_app=make_server_app(**values),
+                       client_app=make_client_app(**values),
+                       num_supernodes=int(cfg["num-partitions"]),
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False,
+                                                     "log_to_driver": False}})
+        import json
+        result = json.loads((Path(out) / "result.json").read_text())
+        result["wall_seconds"] = time.perf_counter() - start
+        shared = load_shared(Path(out) / "shared.npz")
+    return result, shared
+
+
+def load_shared(path) -> dict[str, torch.Tensor]:
+    """The final model a ServerApp wrote (``shared.npz``)."""
+    with np.load(path) as data:
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+def max_abs_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference over every shared parameter (the same keys in both)."""
+    if sorted(a) != sorted(b):
+        raise ValueError(f"different parameters: {sorted(a)} vs {sorted(b)}")
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def median_round_seconds(rounds: list[dict]) -> float:
+    """Median seconds of rounds 2.. (round 1 also pays for start-up)."""
+    later = [r["seconds"] for r in rounds[1:]] or [r["seconds"] for r in rounds]
+    return float(np.median(later))

@@ -1,0 +1,82 @@
+"""The static face of a chapter's widget (issue 15): every setting pre-drawn, switched offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from privrec.static_widget import static_widget_html  # noqa: E402
+
+
+def _draw(slope, shift):
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [shift, shift + slope])
+    plt.show()
+    print(f"slope {slope}, shift {shift}")
+
+
+def _html():
+    return static_widget_html(_draw, {"slope": [1, 2, 3], "shift": [0.0, 0.5]},
+                              labels={"slope": "slope a"}, initial={"slope": 2}, title="lines")
+
+
+def test_one_frame_per_combination_with_its_printout():
+    page = _html()
+    assert page.count("<figure data-key=") == 6
+    assert page.count('style="margin:0"') == 1  # only the initial frame is visible
+    assert '<figure data-key="1,0" style="margin:0">' in page
+    assert "slope 3, shift 0.5" in page and "slope a" in page
+    assert "http" not in page.replace("http://www.w3.org", "")  # self-contained
+    assert not plt.get_fignums()  # every frame's figure was closed
+
+
+def test_bad_specs_are_rejected():
+    with pytest.raises(ValueError, match="at least one"):
+        static_widget_html(_draw, {})
+    with pytest.raises(ValueError, match="at most 64"):
+        static_widget_html(_draw, {"slope": list(range(9)), "shift": list(range(8))})
+    with pytest.raises(ValueError, match=r"initial\['slope'\]"):
+        static_widget_html(_draw, {"slope": [1], "shift": [0]}, initial={"slope": 5})
+
+
+def test_moving_each_control_changes_the_figure(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have Chromium (.ci/run installs it)")
+        pytest.skip("Chromium is not installed")
+    page_file = tmp_path / "widget.html"
+    page_file.write_text(f"<!doctype html><meta charset='utf-8'><body>{_html()}</body>")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_file.as_uri())
+        root = page.locator(".privrec-static-widget")
+
+        def state():
+            return (json.loads(root.get_attribute("data-selected")),
+                    page.locator("figure:visible img").get_attribute("src"),
+                    page.locator("figure:visible").count())
+
+        before = state()
+        assert before[0] == {"slope": 2, "shift": 0.0} and before[2] == 1
+        for name, value in (("slope", 0), ("shift", 1)):
+            old = state()
+            page.eval_on_selector(f'input[name="{name}"]',
+                                  f"el => {{ el.value = {value}; el.dispatchEvent(new Event('input')); }}")
+            new = state()
+            assert new[2] == 1 and new[1] != old[1] and new[0] != old[0]
+        assert state()[0] == {"slope": 1, "shift": 0.5}
+        assert page.locator('output[name="slope"]').text_content() == "1"
+        browser.close()
+    assert all(url.startswith(("file://", "data:")) for url in requests)
