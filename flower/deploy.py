@@ -1,12 +1,13 @@
-"""Flower's Deployment Engine on loopback: one SuperLink and K SuperNodes as separate processes.
+"""Flower's engines on loopback: one SuperLink and K SuperNodes as separate processes.
 
-``python flower/deploy.py`` (from ``.venv-flower``; ``make flower-demo``) starts the SuperLink and
-K SuperNodes on 127.0.0.1 with ports chosen free at run time, submits runs with ``flwr run``
-(FedAvgM, DP-FedAvg, DP-FedAvg with a SuperNode killed after round 1), runs the same algorithm in
-privrec's simulator and in Flower's Simulation Engine, prints per-round metrics and bytes, the
-largest parameter gap between the engines and the per-round overhead, writes everything to
-``--out`` and stops every process it started -- also on failure or Ctrl-C. Every wait has a
-timeout. Transport: plain HTTP on loopback (``--insecure``; a warning is printed).
+``python flower/deploy.py`` (from ``.venv-flower``; ``make flower-demo``) starts a SuperLink and
+K SuperNodes on 127.0.0.1 with ports chosen free at run time and submits runs with ``flwr run``
+(FedAvgM, DP-FedAvg, and DP-FedAvg with a SuperNode killed before the last round): Flower's
+Deployment Engine. It then starts a SuperLink with ``--simulation`` (Flower's Simulation Engine,
+the same app through the same ``flwr run``) and runs privrec's simulator. It prints per-round
+metrics and bytes, the largest parameter gap between the engines and the seconds per round,
+writes everything to ``--out`` and stops every process it started -- also on failure or Ctrl-C.
+Every wait has a timeout. Transport: plain HTTP on loopback (``--insecure``; a warning is printed).
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ class Loopback:
     Use as a context manager: every process is stopped on exit (SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, k: int = 3, *, work: Path, say=print, start_timeout: float = 90.0) -> None:
+    def __init__(self, k: int = 3, *, work: Path, say=print, start_timeout: float = 90.0,
+                 simulation: bool = False) -> None:
         self.k, self.work, self.say, self.start_timeout = k, Path(work), say, start_timeout
+        self.simulation = simulation    # Flower's Simulation Engine behind the same SuperLink
         self.procs: dict[str, subprocess.Popen] = {}
         self.home = self.work / "flwr-home"
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
@@ -111,9 +114,10 @@ class Loopback:
             self.port = free_port()
             link = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure",
                                              "--host", "127.0.0.1", "--port", str(self.port),
-                                             "--disable-runtime-dependency-installation"])
+                                             "--disable-runtime-dependency-installation",
+                                             *(["--simulation"] if self.simulation else [])])
             wait_port(self.port, timeout=self.start_timeout, proc=link, name="SuperLink")
-            for i in range(self.k):
+            for i in range(0 if self.simulation else self.k):
                 self._start(f"supernode-{i}", [
                     str(BIN / "flower-supernode"), "--insecure",
                     "--superlink", f"127.0.0.1:{self.port}",
@@ -122,7 +126,8 @@ class Loopback:
                     "--max-wait-time", str(self.start_timeout)])
             (self.home / "config.toml").write_text(
                 '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+                + (f"options.num-supernodes = {self.k}\n" if self.simulation else ""))
         except BaseException:
             self.stop()
             raise
@@ -240,57 +245,43 @@ def _summary(result: dict) -> dict:
 def demo(work: Path, *, nodes: int = 3, rounds: int = 3, simulation_engine: bool = True,
          say=print) -> dict:
     """All three engines on FedAvgM, DP-FedAvg and DP-FedAvg with a SuperNode killed."""
-    from privrec_flower.engines import (
-        load_shared,
-        max_abs_gap,
-        median_round_seconds,
-        simulate,
-    )
-    from privrec_flower.engines import (
-        simulation_engine as run_simulation_engine,
-    )
+    from privrec_flower.engines import load_shared, max_abs_gap, median_round_seconds, simulate
     from privrec_flower.task import RunConfig
 
     base = {"num-partitions": nodes, "num-server-rounds": rounds}
     configs = {"fedavgm": RunConfig.of(base), "dp-fedavg": RunConfig.of(base, dp=True)}
-    report: dict = {"nodes": nodes, "rounds": rounds, "runs": {}, "max_abs_gap": {},
-                    "seconds_per_round": {}}
-    with Loopback(nodes, work=work, say=say) as link:
-        for name, cfg in configs.items():
-            deployed = link.run(name, **{k: v for k, v in cfg.values.items() if k in base or
-                                         k == "dp"})
-            report["runs"][f"{name}/deployment"] = _summary(deployed)
-            report["deployed_" + name] = deployed
-        killed = link.run("dp-fedavg-killed", kill_after_round=1, kill_node=nodes - 1,
-                          **base, dp=True)
-        report["runs"]["dp-fedavg-killed/deployment"] = _summary(killed)
+    report: dict = {"nodes": nodes, "rounds": rounds, "cpus": os.cpu_count(),
+                    "load_average_1min_before": os.getloadavg()[0], "runs": {},
+                    "max_abs_gap": {}, "seconds_per_round": {}}
+    engines = {"deployment": False, **({"simulation-engine": True} if simulation_engine else {})}
+    for engine, simulation in engines.items():
+        with Loopback(nodes, work=work / engine, say=say, simulation=simulation) as link:
+            for name, cfg in configs.items():
+                report["runs"][f"{name}/{engine}"] = _summary(link.run(name, **base, dp=cfg["dp"]))
+            if not simulation:
+                killed = link.run("dp-fedavg-killed", kill_after_round=rounds - 1,
+                                  kill_node=nodes - 1, **base, dp=True)
+                report["runs"]["dp-fedavg-killed/deployment"] = _summary(killed)
+    report["load_average_1min_after"] = os.getloadavg()[0]
     for name, cfg in configs.items():
         simulated, shared = simulate(cfg)
         report["runs"][f"{name}/simulator"] = simulated
-        deployed = report.pop("deployed_" + name)
-        report["max_abs_gap"][f"{name}: deployment vs simulator"] = max_abs_gap(
-            shared, load_shared(work / name / "shared.npz"))
-        report["seconds_per_round"][name] = {
-            "simulator": median_round_seconds(simulated["rounds"]),
-            "deployment": median_round_seconds(deployed["rounds"])}
-        if simulation_engine:
-            sim_engine, sim_shared = run_simulation_engine(cfg)
-            report["runs"][f"{name}/simulation-engine"] = _summary(sim_engine)
-            report["max_abs_gap"][f"{name}: simulation engine vs simulator"] = max_abs_gap(
-                shared, sim_shared)
-            report["seconds_per_round"][name]["simulation-engine"] = median_round_seconds(
-                sim_engine["rounds"])
-    realised = [r["realised"] for r in killed["rounds"]]
-    reference, shared = simulate(configs["dp-fedavg"], realised=realised)
+        report["seconds_per_round"][name] = {"simulator": median_round_seconds(simulated["rounds"])}
+        for engine in engines:
+            report["max_abs_gap"][f"{name}: {engine} vs simulator"] = max_abs_gap(
+                shared, load_shared(work / engine / name / "shared.npz"))
+            report["seconds_per_round"][name][engine] = median_round_seconds(
+                report["runs"][f"{name}/{engine}"]["rounds"])
+    reference, shared = simulate(configs["dp-fedavg"],
+                                 realised=[r["realised"] for r in killed["rounds"]])
     report["runs"]["dp-fedavg-killed/simulator-realised-cohort"] = reference
     report["max_abs_gap"]["dp-fedavg-killed: deployment vs simulator (realised cohort)"] = \
-        max_abs_gap(shared, load_shared(work / "dp-fedavg-killed" / "shared.npz"))
+        max_abs_gap(shared, load_shared(work / "deployment" / "dp-fedavg-killed" / "shared.npz"))
     for name, gap in report["max_abs_gap"].items():
         say(f"max |gap| {name}: {gap:.2e}")
     for name, secs in report["seconds_per_round"].items():
-        ratio = secs["deployment"] / secs["simulator"]
-        secs["deployment/simulator"] = ratio
-        say(f"{name}: seconds per round {secs}; deployment/simulator = {ratio:.0f}x")
+        secs["deployment/simulator"] = secs["deployment"] / secs["simulator"]
+        say(f"{name}: seconds per round " + ", ".join(f"{k} {v:.3g}" for k, v in secs.items()))
     return report
 
 
@@ -300,7 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=APP_DIR / "results" / "deployment.json")
     parser.add_argument("--no-simulation-engine", action="store_true",
-                        help="skip Flower's Simulation Engine (Ray)")
+                        help="skip Flower's Simulation Engine (a SuperLink with --simulation, Ray)")
     args = parser.parse_args(argv)
     if args.nodes < 3:
         parser.error("--nodes must be >= 3")

@@ -144,3 +144,32 @@ def test_unlisted_mistake_reports_the_first_failing_case():
     assert not feedback.passed
     assert feedback.hint.startswith(
         "wrong on the hidden case sensitivity=1.0, epsilon=0.5: expected 2, got 4.")
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+COURSE_CHAPTERS = sorted(p for p in (ROOT / "chapters").glob("0[1-7]_*.ipynb")
+                         if '"course-intro-' in p.read_text())
+
+
+def test_the_chapters_done_so_far_carry_their_exercises():
+    names = {p.name[:2] for p in COURSE_CHAPTERS}
+    assert {"01", "02", "07"} <= names
+
+
+@pytest.mark.parametrize("path", COURSE_CHAPTERS, ids=lambda p: p.name[:2])
+def test_chapter_stubs_are_unanswered_and_solutions_pass(path):
+    import json
+
+    cells = {c.get("id"): c for c in json.loads(path.read_text())["cells"]}
+    tried = [k for k in cells if k and k.startswith("course-") and k.endswith("-try")]
+    assert len(tried) >= 2
+    for key in tried:
+        name = key[len("course-"):-len("-try")]
+        assert name in CHECKERS
+        text = "".join(o["data"]["text/plain"] if "data" in o else o.get("text", "")
+                       for o in cells[key]["outputs"])
+        assert f"TRY AGAIN {name}: {NOT_ATTEMPTED}" in text
+        outputs = cells[f"course-{name}-solution"]["outputs"]
+        solved = "".join("".join(o["data"]["text/plain"]) for o in outputs
+                         if o.get("output_type") == "execute_result")
+        assert solved.startswith(f"PASS {name}: correct on all"), solved

@@ -37,6 +37,13 @@ def test_one_frame_per_combination_with_its_printout():
     assert not plt.get_fignums()  # every frame's figure was closed
 
 
+def test_infinite_and_odd_values_become_text():
+    page = static_widget_html(lambda slope, shift: plt.subplots(figsize=(1, 1))[0],
+                              {"slope": [1.0, float("inf")], "shift": [(0, 1)]})
+    spec = page.split('<script type="application/json">')[1].split("</script>")[0]
+    assert json.loads(spec)["values"] == {"slope": [1.0, "∞"], "shift": ["(0, 1)"]}
+
+
 def test_bad_specs_are_rejected():
     with pytest.raises(ValueError, match="at least one"):
         static_widget_html(_draw, {})

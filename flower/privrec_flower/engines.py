@@ -1,5 +1,6 @@
-"""One algorithm, three engines: (a) privrec's simulator, (b) Flower's Simulation Engine,
-(c) Flower's Deployment Engine (``flower/deploy.py``); and the comparison of their models.
+"""One algorithm, three engines: (a) privrec's simulator (here), (b) Flower's Simulation Engine and
+(c) Flower's Deployment Engine (both started by ``flower/deploy.py``); and the comparison of their
+models.
 
 (a) is the reference. The Flower runs use the same seeds, partition and strategy objects, and feed
 the clients' updates to the strategy in silo order, so their models agree with (a) to float
@@ -57,32 +58,6 @@ def simulate(cfg: RunConfig, *, realised: list[list[int]] | None = None) -> tupl
              "epsilon": ledger.epsilon() if ledger is not None else math.inf,
              "ledger": ledger.summary() if ledger is not None else "no privacy (epsilon = inf)"},
             {k: v.clone() for k, v in sim.shared.items()})
-
-
-def simulation_engine(cfg: RunConfig) -> tuple[dict, dict]:
-    """Way (b): Flower's Simulation Engine (Ray backend), the same ClientApp and ServerApp."""
-    import tempfile
-    from pathlib import Path
-
-    from flwr.simulation import run_simulation
-
-    from privrec_flower.client_app import make_client_app
-    from privrec_flower.server_app import make_server_app
-
-    with tempfile.TemporaryDirectory(prefix="privrec-flower-sim-") as out:
-        values = {**cfg.values, "out-dir": out, "gate-dir": ""}
-        start = time.perf_counter()
-        run_simulation(server_app=make_server_app(**values),
-                       client_app=make_client_app(**values),
-                       num_supernodes=int(cfg["num-partitions"]),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": 2, "include_dashboard": False,
-                                                     "log_to_driver": False}})
-        import json
-        result = json.loads((Path(out) / "result.json").read_text())
-        result["wall_seconds"] = time.perf_counter() - start
-        shared = load_shared(Path(out) / "shared.npz")
-    return result, shared
 
 
 def load_shared(path) -> dict[str, torch.Tensor]:

@@ -49,6 +49,15 @@ _SCRIPT = r"""
 """
 
 
+def _json_value(value: object) -> object:
+    """A control value as JSON: numbers and strings as they are, anything else (inf, tuples) as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "∞" if value > 0 else str(value)
+    return value
+
+
 def _render(draw: Callable, kwargs: Mapping[str, object], dpi: int) -> tuple[str, str]:
     """One frame: ``draw(**kwargs)`` as a base64 PNG and its printed text (plt.show suppressed)."""
     import matplotlib.pyplot as plt
@@ -121,8 +130,7 @@ def static_widget_html(draw: Callable, controls: Mapping[str, Sequence[object]],
         figures.append(f'<figure data-key="{key}" style="{display}margin:0">'
                        f'<img src="data:image/png;base64,{png}" alt="{html.escape(str(kwargs))}" '
                        f'style="max-width:100%">{caption}</figure>')
-    spec = {"values": {name: [v if isinstance(v, (int, float, str)) else str(v)
-                              for v in controls[name]] for name in names}}
+    spec = {"values": {name: [_json_value(v) for v in controls[name]] for name in names}}
     digest = hashlib.sha256(json.dumps([title, spec], default=str).encode()).hexdigest()[:12]
     root_id = f"privrec-static-{digest}"
     sliders = "".join(
