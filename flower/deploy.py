@@ -131,8 +131,10 @@ class Loopback:
         except BaseException:
             self.stop()
             raise
-        self.say(f"SuperLink on 127.0.0.1:{self.port}; {self.k} SuperNodes started "
-                 f"(pids {[p.pid for n, p in self.procs.items() if n != 'superlink']})")
+        nodes = [p.pid for n, p in self.procs.items() if n != "superlink"]
+        self.say(f"SuperLink on 127.0.0.1:{self.port}; " + (
+            f"Simulation Engine with {self.k} virtual SuperNodes" if self.simulation
+            else f"{self.k} SuperNodes started (pids {nodes})"))
         return self
 
     def __exit__(self, *exc) -> None:

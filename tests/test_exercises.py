@@ -166,7 +166,7 @@ def test_chapter_stubs_are_unanswered_and_solutions_pass(path):
     for key in tried:
         name = key[len("course-"):-len("-try")]
         assert name in CHECKERS
-        text = "".join(o["data"]["text/plain"] if "data" in o else o.get("text", "")
+        text = "".join("".join(o["data"]["text/plain"]) if "data" in o else "".join(o.get("text", ""))
                        for o in cells[key]["outputs"])
         assert f"TRY AGAIN {name}: {NOT_ATTEMPTED}" in text
         outputs = cells[f"course-{name}-solution"]["outputs"]

@@ -286,7 +286,7 @@ def rdp_to_epsilon(*, orders: Iterable[float] | float, rdp: Iterable[float] | fl
     eps = (rdp_vec + np.log1p(-1.0 / alphas) - (math.log(delta) + np.log(alphas)) / (alphas - 1.0))
     if np.all(np.isinf(eps)):
         return math.inf, math.nan
-    best = int(np.argmin(eps))
+    best = int(np.argmin(eps))  # tie-free: argmin returns the first minimum, the lowest order
     return max(0.0, float(eps[best])), float(alphas[best])
 
 

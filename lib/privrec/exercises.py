@@ -1,13 +1,14 @@
 """Auto-checked exercises: the reader writes a function, one call checks it on hidden cases.
 
-Usage in a chapter::
+Usage in a chapter:
 
-    from privrec import exercises as check
-
-    def my_scale(sensitivity, epsilon):
-        return sensitivity / epsilon
-
-    check.laplace_scale(my_scale)   # -> PASS laplace_scale: correct on all 4 hidden cases ...
+>>> from privrec import exercises as check
+>>> def my_scale(sensitivity, epsilon):
+...     return 1 / (epsilon * sensitivity)
+>>> check.laplace_scale(my_scale)  # doctest: +ELLIPSIS
+TRY AGAIN laplace_scale: that is the article's 1/(ε·Δs): it SHRINKS the noise as the sensitivity ...
+>>> check.laplace_scale(lambda sensitivity, epsilon: sensitivity / epsilon)  # doctest: +ELLIPSIS
+PASS laplace_scale: correct on all 4 hidden cases. ...
 
 Every checker returns a :class:`~privrec.exercise_grading.Feedback` (one line in a notebook, truthy
 when the attempt is right) and names the common mistake it recognises: the article's inverted

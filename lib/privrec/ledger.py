@@ -42,8 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from .accounting import (DEFAULT_ORDERS, compute_rdp, find_noise_multiplier, laplace_rdp,
-                         rdp_to_epsilon)
+from .accounting import DEFAULT_ORDERS, compute_rdp, find_noise_multiplier, laplace_rdp, rdp_to_epsilon
 from .checks import check_delta, check_orders, check_sample_rate, choice, int_in, non_negative
 
 __all__ = ["UNITS", "MECHANISMS", "MAX_DELTA_TIMES_N", "PrivacyEvent", "PrivacyLedger",

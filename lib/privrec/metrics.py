@@ -145,13 +145,22 @@ def ranking_metrics(scores: torch.Tensor, train: pd.DataFrame, test: pd.DataFram
     target = masked[t_users, t_items]
     if torch.isinf(target).any():
         raise ValueError("test contains (user, item) pairs that are also in train")
-    # Pessimistic rank: strictly higher candidates plus ties other than the item itself.
+    return _hr_ndcg(_pessimistic_ranks(masked, t_users, target), t_users, n_users=n_users, k=k)
+
+
+def _pessimistic_ranks(masked: torch.Tensor, t_users: torch.Tensor,
+                       target: torch.Tensor) -> torch.Tensor:
+    """Rank of each test item: strictly higher candidates plus ties other than the item itself."""
     rank = torch.empty(len(t_users), dtype=torch.long)
     for start in range(0, len(t_users), 4096):
         rows = masked[t_users[start:start + 4096]]
         s = target[start:start + 4096, None]
         rank[start:start + 4096] = (rows > s).sum(1) + (rows == s).sum(1) - 1
+    return rank
 
+
+def _hr_ndcg(rank: torch.Tensor, t_users: torch.Tensor, *, n_users: int, k: int) -> dict[str, float]:
+    """HR@K and NDCG@K (binary relevance) averaged over the users with a test item."""
     hit = rank < k
     gain = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros((), dtype=torch.double))
     n_rel = torch.bincount(t_users, minlength=n_users)

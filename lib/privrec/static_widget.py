@@ -73,6 +73,32 @@ def _render(draw: Callable, kwargs: Mapping[str, object], dpi: int) -> tuple[str
     return base64.b64encode(buffer.getvalue()).decode("ascii"), printed.getvalue().rstrip()
 
 
+def _start_index(controls: Mapping[str, Sequence[object]], name: str,
+                 initial: Mapping[str, object] | None) -> int:
+    options = list(controls[name])
+    want = (initial or {}).get(name, options[0])
+    if want not in options:
+        raise ValueError(f"initial[{name!r}] must be one of {options}, got {want!r}")
+    return options.index(want)
+
+
+def _frames(draw: Callable, controls: Mapping[str, Sequence[object]], start: list[int],
+            dpi: int) -> list[str]:
+    """One ``<figure>`` per combination (only the ``start`` one visible), keyed by slider indices."""
+    names = list(controls)
+    figures = []
+    for index in itertools.product(*(range(len(controls[name])) for name in names)):
+        kwargs = {name: controls[name][k] for name, k in zip(names, index, strict=True)}
+        png, text = _render(draw, kwargs, dpi)
+        key = ",".join(map(str, index))
+        display = "" if list(index) == start else "display:none;"
+        caption = f'<pre style="font-size:11px">{html.escape(text)}</pre>' if text else ""
+        figures.append(f'<figure data-key="{key}" style="{display}margin:0">'
+                       f'<img src="data:image/png;base64,{png}" alt="{html.escape(str(kwargs))}" '
+                       f'style="max-width:100%">{caption}</figure>')
+    return figures
+
+
 def static_widget_html(draw: Callable, controls: Mapping[str, Sequence[object]], *,
                        labels: Mapping[str, str] | None = None,
                        initial: Mapping[str, object] | None = None, title: str = "",
@@ -113,23 +139,9 @@ def static_widget_html(draw: Callable, controls: Mapping[str, Sequence[object]],
     sizes = [len(controls[name]) for name in names]
     if (n_frames := math.prod(sizes)) > 64:
         raise ValueError(f"controls give {n_frames} frames; at most 64 are allowed")
-    start = []
-    for name in names:
-        want = (initial or {}).get(name, controls[name][0])
-        if want not in list(controls[name]):
-            raise ValueError(f"initial[{name!r}] must be one of {list(controls[name])}, got {want!r}")
-        start.append(list(controls[name]).index(want))
+    start = [_start_index(controls, name, initial) for name in names]
     labels = {name: name for name in names} | dict(labels or {})
-    figures = []
-    for index in itertools.product(*(range(size) for size in sizes)):
-        kwargs = {name: controls[name][k] for name, k in zip(names, index, strict=True)}
-        png, text = _render(draw, kwargs, dpi)
-        key = ",".join(map(str, index))
-        display = "" if list(index) == start else "display:none;"
-        caption = f'<pre style="font-size:11px">{html.escape(text)}</pre>' if text else ""
-        figures.append(f'<figure data-key="{key}" style="{display}margin:0">'
-                       f'<img src="data:image/png;base64,{png}" alt="{html.escape(str(kwargs))}" '
-                       f'style="max-width:100%">{caption}</figure>')
+    figures = _frames(draw, controls, start, dpi)
     spec = {"values": {name: [_json_value(v) for v in controls[name]] for name in names}}
     digest = hashlib.sha256(json.dumps([title, spec], default=str).encode()).hexdigest()[:12]
     root_id = f"privrec-static-{digest}"

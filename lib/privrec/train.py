@@ -79,10 +79,8 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
         The model to train in place.
     train:
         Ratings table (``user``, ``item``, ``rating``).
-    epochs, lr, batch_size:
-        Passes over the data, Adam step size, ratings per step.
-    reg, bias_reg:
-        :math:`\\lambda` for the factors and :math:`\\lambda_b` for the biases.
+    epochs, lr, batch_size, reg, bias_reg:
+        Passes over the data, Adam step size, ratings per step, :math:`\\lambda`, :math:`\\lambda_b`.
     seed:
         Seeds the shuffling (the model's initialisation has its own seed).
     validation:
@@ -103,31 +101,24 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     reg, bias_reg = non_negative("reg", reg), non_negative("bias_reg", bias_reg)
 
     users, items, ratings = ratings_to_tensors(train)
-    history: dict[str, list[float]] = {"train_loss": [], "val_rmse": []}
-    start = time.perf_counter()
-    with _progress(epochs, progress, "fit_explicit") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(ratings), generator=gen)
-            total = 0.0
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                u, i, r = users[idx], items[idx], ratings[idx]
-                # Gather each touched row once; prediction and penalty share it.
-                p_u, v_i = model.user_factors[u], model.item_factors[i]
-                b_u, b_i = model.user_bias[u], model.item_bias[i]
-                err = model.global_bias + b_u + b_i + (p_u * v_i).sum(1) - r
-                penalty = (reg * (p_u.square().sum(1) + v_i.square().sum(1))
-                           + bias_reg * (b_u.square() + b_i.square()))
-                loss = (err.square() + penalty).mean()
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(idx)
-            history["train_loss"].append(total / len(ratings))
-            if validation is not None:
-                history["val_rmse"].append(evaluate_ratings(model, validation)["rmse"])
-            bar.update()
-    return FitResult(model, history, None, time.perf_counter() - start)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        u, i, r = users[idx], items[idx], ratings[idx]
+        # Gather each touched row once; prediction and penalty share it.
+        p_u, v_i = model.user_factors[u], model.item_factors[i]
+        b_u, b_i = model.user_bias[u], model.item_bias[i]
+        err = model.global_bias + b_u + b_i + (p_u * v_i).sum(1) - r
+        penalty = (reg * (p_u.square().sum(1) + v_i.square().sum(1))
+                   + bias_reg * (b_u.square() + b_i.square()))
+        return (err.square() + penalty).mean()
+
+    def after_epoch(history: dict[str, list[float]]) -> None:
+        if validation is not None:
+            history["val_rmse"].append(evaluate_ratings(model, validation)["rmse"])
+
+    return _run_epochs(model, len(ratings), batch_loss, optimiser, gen, epochs=epochs,
+                       batch_size=batch_size, progress=progress, desc="fit_explicit",
+                       after_epoch=after_epoch)
 
 
 def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: float = 0.01,
@@ -146,30 +137,43 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
     reg = non_negative("reg", reg)
 
     users, items, _ = ratings_to_tensors(train)
+    labels_per_batch = torch.cat([torch.ones(1), torch.zeros(n_negatives)])
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        u = users[idx].repeat_interleave(n_negatives + 1)
+        negatives = torch.randint(model.n_items, (len(idx), n_negatives), generator=gen)
+        i = torch.cat([items[idx, None], negatives], 1).reshape(-1)
+        labels = labels_per_batch.repeat(len(idx))
+        p_u, v_i = model.user_factors[u], model.item_factors[i]
+        logits = model.global_bias + model.user_bias[u] + model.item_bias[i] + (p_u * v_i).sum(1)
+        penalty = reg * (p_u.square().sum(1) + v_i.square().sum(1))
+        return (torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, reduction="none") + penalty).mean()
+
+    return _run_epochs(model, len(users), batch_loss, optimiser, gen, epochs=epochs,
+                       batch_size=batch_size, progress=progress, desc="fit_implicit")
+
+
+def _run_epochs(model: BiasedMF, n: int, batch_loss, optimiser: torch.optim.Optimizer,
+                gen: torch.Generator, *, epochs: int, batch_size: int, progress: bool | None,
+                desc: str, after_epoch=None) -> FitResult:
+    """The shared loop: each epoch a seeded shuffle, Adam on ``batch_loss`` of each mini-batch."""
     history: dict[str, list[float]] = {"train_loss": [], "val_rmse": []}
     start = time.perf_counter()
-    labels_per_batch = torch.cat([torch.ones(1), torch.zeros(n_negatives)])
-    with _progress(epochs, progress, "fit_implicit") as bar:
+    with _progress(epochs, progress, desc) as bar:
         for _ in range(epochs):
-            order = torch.randperm(len(users), generator=gen)
+            order = torch.randperm(n, generator=gen)
             total = 0.0
-            for s in range(0, len(order), batch_size):
+            for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size]
-                u = users[idx].repeat_interleave(n_negatives + 1)
-                negatives = torch.randint(model.n_items, (len(idx), n_negatives), generator=gen)
-                i = torch.cat([items[idx, None], negatives], 1).reshape(-1)
-                labels = labels_per_batch.repeat(len(idx))
-                p_u, v_i = model.user_factors[u], model.item_factors[i]
-                logits = (model.global_bias + model.user_bias[u] + model.item_bias[i]
-                          + (p_u * v_i).sum(1))
-                penalty = reg * (p_u.square().sum(1) + v_i.square().sum(1))
-                loss = (torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, labels, reduction="none") + penalty).mean()
+                loss = batch_loss(idx)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(idx)
-            history["train_loss"].append(total / len(users))
+            history["train_loss"].append(total / n)
+            if after_epoch is not None:
+                after_epoch(history)
             bar.update()
     return FitResult(model, history, None, time.perf_counter() - start)
 
