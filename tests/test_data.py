@@ -11,7 +11,6 @@ from privrec.data import (
     load_movielens100k,
     random_split,
     restrict_ids,
-    subsample_users,
     synthetic_movielens,
     validate_ratings,
 )
@@ -188,19 +187,6 @@ def test_cold_start_split_holds_items_out_entirely(ml):
         cold_start_split(ml.ratings, n_items=ml.n_items, fraction=1.0)
     with pytest.raises(ValueError, match="fraction"):
         cold_start_split(ml.ratings, n_items=ml.n_items, fraction=0.0001)
-
-
-def test_subsample_users_remaps_ids_and_keeps_every_rating_of_members(ml):
-    sub, members = subsample_users(ml.ratings, n_users=ml.n_users, population=100, seed=0)
-    assert len(members) == 100 and np.all(np.diff(members) > 0)
-    assert sorted(sub["user"].unique()) == list(range(100))
-    back = sub.assign(user=members[sub["user"]])
-    expected = ml.ratings[ml.ratings["user"].isin(members)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(back, expected)
-    with pytest.raises(ValueError, match="population"):
-        subsample_users(ml.ratings, n_users=ml.n_users, population=ml.n_users + 1)
-    with pytest.raises(TypeError, match="population"):
-        subsample_users(ml.ratings, n_users=ml.n_users, population=10.0)
 
 
 def test_restrict_ids_numbering_follows_the_given_order():

@@ -38,7 +38,6 @@ __all__ = [
     "leave_last_out_split",
     "cold_start_split",
     "restrict_ids",
-    "subsample_users",
     "synthetic_movielens",
     "validate_ratings",
     "GENRES",
@@ -327,21 +326,6 @@ def restrict_ids(ratings: pd.DataFrame, *, column: str, ids: object) -> pd.DataF
     new = position[ratings[column].to_numpy()]
     kept = ratings[new >= 0]
     return kept.assign(**{column: new[new >= 0]}).reset_index(drop=True)
-
-
-def subsample_users(ratings: pd.DataFrame, *, n_users: int, population: int,
-                    seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
-    """A seeded random subset of ``population`` of the ``n_users`` users, renumbered 0..population-1.
-
-    Returns ``(ratings, members)``: the kept users' ratings, renumbered in increasing order of
-    their old ids, and the sorted old ids (new id ``j`` is old id ``members[j]``). Raises
-    ``ValueError`` for a population outside ``[1, n_users]`` or ids outside ``[0, n_users)``.
-    """
-    validate_ratings(ratings, n_users=int_in("n_users", n_users, 1))
-    population = int_in("population", population, 1, n_users)
-    rng = np.random.default_rng(int_in("seed", seed, 0))
-    members = np.sort(rng.permutation(n_users)[:population], kind="stable")
-    return restrict_ids(ratings, column="user", ids=members), members
 
 
 @dataclass(frozen=True)

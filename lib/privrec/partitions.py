@@ -24,7 +24,7 @@ import pandas as pd
 
 from .checks import choice, int_in, positive
 from .checks import seed as check_seed
-from .data import validate_ratings
+from .data import restrict_ids, validate_ratings
 
 __all__ = ["Partition", "cross_device", "iid_partition", "demographic_partition",
            "dirichlet_genre_partition", "subsample_users"]
@@ -192,9 +192,4 @@ def subsample_users(ratings: pd.DataFrame, *, n_users: int, keep: int,
     keep = int_in("keep", keep, 1, n_users)
     rng = np.random.default_rng(check_seed("seed", seed))
     kept = np.sort(rng.choice(n_users, size=keep, replace=False), kind="stable")
-    new_id = np.full(n_users, -1, dtype=np.int64)
-    new_id[kept] = np.arange(keep)
-    mapped = new_id[ratings["user"].to_numpy()]
-    out = ratings[mapped >= 0].copy()
-    out["user"] = mapped[mapped >= 0]
-    return out.reset_index(drop=True), kept
+    return restrict_ids(ratings, column="user", ids=kept), kept
