@@ -25,7 +25,8 @@ export MKL_CBWR := COMPATIBLE
 # - OpenBLAS (numpy's and scipy's matmul): the SSE4.2 (= numpy's X86_V2 baseline) kernels.
 export OPENBLAS_CORETYPE := Nehalem
 
-.PHONY: all setup lock test unit nbval book check-book execute lint bench bench-dpsgd bench-fedavg clean
+.PHONY: all setup lock test unit nbval book check-book execute lint bench bench-dpsgd bench-fedavg clean \
+	flower-setup flower-test flower-demo
 
 all: test book
 
@@ -55,7 +56,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "requirements.lock: $$(grep -c '==' requirements.lock) pinned packages"
 
-LINTED := lib tests benchmarks book/_ext conftest.py
+LINTED := lib tests benchmarks book/_ext conftest.py flower
 
 # Lint, unit tests and the library's doctests (pytest.ini's testpaths), then nbval.
 test: $(STAMP)
@@ -109,6 +110,27 @@ bench-dpsgd: $(STAMP)
 bench-fedavg: $(STAMP)
 	@if [ -x .venv-bench/bin/python ]; then cd benchmarks && ../.venv-bench/bin/python fedavg_round.py; \
 	else cd benchmarks && ../$(BIN)/python fedavg_round.py; fi
+
+# Chapter 9: the same federated algorithm on Flower. Flower's pins conflict with the book's
+# (packaging, rich, typer), so it lives in a second environment built from flower/requirements.lock.
+FLOWER_VENV := .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+$(FLOWER_STAMP): flower/requirements.lock lib/pyproject.toml
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r flower/requirements.lock
+	$(FLOWER_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e ./lib
+	touch $(FLOWER_STAMP)
+
+flower-setup: $(FLOWER_STAMP)
+
+# SuperLink + 3 SuperNodes on loopback: equivalence with the simulator, and a killed SuperNode.
+flower-test: $(FLOWER_STAMP)
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 PRIVREC_REQUIRE_FLOWER=1 \
+		$(FLOWER_VENV)/bin/python -m pytest -p no:cacheprovider -q tests/test_flower_deploy.py
+
+# Re-measure the committed run that chapter 9 reads (then re-execute chapter 9).
+flower-demo: $(FLOWER_STAMP)
+	$(FLOWER_VENV)/bin/python flower/deploy.py --out flower/results/deployment.json
 
 clean:
 	rm -rf _build

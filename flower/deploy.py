@@ -92,7 +92,8 @@ class Loopback:
         self.procs: dict[str, subprocess.Popen] = {}
         self.home = self.work / "flwr-home"
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    "OMP_NUM_THREADS": "1",
                     "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
                     "PYTHONPATH": os.pathsep.join([str(APP_DIR), os.environ.get("PYTHONPATH", "")])}
         self.port = 0

@@ -33,7 +33,8 @@ CHAPTERS = sorted(p for p in (ROOT / "chapters").glob("*.ipynb")
                   if bootstrap_cell.is_current(json.loads(p.read_text()))
                   or any(c.get("id") == bootstrap_cell.CELL_ID
                          for c in json.loads(p.read_text())["cells"]))
-REQUIRED = ("01_embedding_recommenders", "02_differential_privacy", "07_attacks_as_measurements")
+REQUIRED = ("01_embedding_recommenders", "02_differential_privacy", "04_federated_recommendation",
+            "05_user_level_privacy", "06_large_model_recommenders", "07_attacks_as_measurements")
 
 
 def _code_cells(path: Path) -> list[str]:

@@ -145,3 +145,29 @@ def test_math_renders_from_the_vendored_mathjax(browser):
     assert visit.page.locator("mjx-container").count() > 10
     visit.settle()
     assert not visit.external() and not visit.problems, visit.external() + visit.problems
+
+
+# Issue 15: every chapter's interactive figure responds in the page without a kernel. Chapter 5 has
+# privrec.explorer's chart; the others a privrec.static_widget face of their ipywidget.
+CHAPTER_PAGES = [p for p in PAGES if p.startswith(tuple(f"chapters/0{n}_" for n in range(1, 8)))]
+
+
+@pytest.mark.parametrize("page_path", CHAPTER_PAGES)
+def test_every_control_of_every_static_figure_changes_it(browser, page_path):
+    visit = Visit(browser, page_path)
+    roots = visit.page.locator(".privrec-static-widget, .privrec-explorer")
+    assert roots.count() >= 1, f"{page_path}: no figure that responds without a kernel"
+    for k in range(roots.count()):
+        root = roots.nth(k)
+        names = root.locator('input[type="range"]').evaluate_all("els => els.map(e => e.name)")
+        assert names, f"{page_path}: figure {k} has no control"
+        for name in names:
+            before = (root.get_attribute("data-selected"), root.inner_html())
+            root.locator(f'input[name="{name}"]').evaluate(
+                "el => { el.value = el.value === '0' ? el.max : '0';"
+                " el.dispatchEvent(new Event('input')); }")
+            after = (root.get_attribute("data-selected"), root.inner_html())
+            assert after[0] != before[0], f"{page_path}: moving {name!r} selected nothing new"
+            assert after[1] != before[1], f"{page_path}: moving {name!r} left the figure as it was"
+    assert not visit.external() and not visit.problems, visit.external() + visit.problems
+    visit.page.close()
