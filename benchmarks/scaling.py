@@ -39,7 +39,7 @@ import sys
 import time
 
 import numpy as np
-from _common import current_rss_mib, load_results, peak_rss_mib, run_measured, save_section
+from _common import RESULTS, current_rss_mib, load_results, peak_rss_mib, run_measured, save_section
 
 USERS = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 WORKLOADS = ("fedavg", "dpfedavg", "dpsgd")
@@ -92,7 +92,7 @@ def _dpsgd(users, items, ratings, n_users, n_items, *, steps: int) -> dict:
         trainer.step()
         times.append(time.perf_counter() - start)
     per_step = statistics.median(times)
-    return {"setup_s": setup, "step_s": per_step, "steps_timed": steps,
+    return {"setup_s": setup, "step_s": per_step, "steps_timed": steps, "cpu_s": None,
             "steps_per_epoch": round(1 / DPSGD_RATE), "seconds": per_step * round(1 / DPSGD_RATE)}
 
 
@@ -117,20 +117,24 @@ def child(workload: str, n_users: int, args) -> None:
     print(json.dumps({**out, "data_rss_mib": round(base, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}))
 
 
-def fit_exponent(points: list[dict], min_ratings: int = 0) -> float | None:
+def fit_exponent(points: list[dict], min_ratings: int = 0, key: str = "seconds") -> float | None:
     pts = [p for p in points if p.get("ok") and p["ratings"] >= min_ratings]
-    if len(pts) < 2:
+    if len(pts) < 2 or any(p.get(key) is None for p in pts):
         return None
     x = np.log([p["ratings"] for p in pts])
-    y = np.log([p["seconds"] for p in pts])
+    y = np.log([p[key] for p in pts])
     return round(float(np.polyfit(x, y, 1)[0]), 3)
 
 
 def summarise(points: list[dict]) -> dict:
-    return {w: {"k_all": fit_exponent([p for p in points if p["workload"] == w]),
-                "k_from_1e6_ratings": fit_exponent([p for p in points if p["workload"] == w],
-                                                   10**6)}
-            for w in WORKLOADS}
+    """Exponents of wall time (all points; from 10^6 ratings) and of the CPU time of the process
+    (where every point recorded it: on a shared machine it is the steadier measure)."""
+    out = {}
+    for w in WORKLOADS:
+        mine = [p for p in points if p["workload"] == w]
+        out[w] = {"k_all": fit_exponent(mine), "k_from_1e6_ratings": fit_exponent(mine, 10**6),
+                  "k_cpu_all": fit_exponent(mine, key="cpu_s")}
+    return out
 
 
 def main() -> None:
@@ -146,9 +150,16 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--resummarise", action="store_true",
+                        help="only refit the exponents of the saved points")
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]), args)
+    if args.resummarise:  # keeps the machine stamp of the measurements
+        results = load_results()
+        results["scaling"]["exponents"] = summarise(results["scaling"]["points"])
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        return None
 
     from synthetic import cached, describe
 
