@@ -56,7 +56,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "requirements.lock: $$(grep -c '==' requirements.lock) pinned packages"
 
-LINTED := lib tests benchmarks book/_ext conftest.py flower
+LINTED := lib tests benchmarks book/_ext conftest.py flower tools
 
 # Lint, unit tests and the library's doctests (pytest.ini's testpaths), then nbval.
 test: $(STAMP)
