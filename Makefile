@@ -61,6 +61,7 @@ LINTED := lib tests benchmarks book/_ext conftest.py flower tools
 # Lint, unit tests and the library's doctests (pytest.ini's testpaths), then nbval.
 test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory nbval
 
@@ -75,6 +76,7 @@ nbval: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/lint-imports --no-cache
 
 # An author's build executes what changed (jupyter-cache). CI runs it with PRIVREC_BOOK_EXECUTE=off
 # right after nbval has verified the committed outputs, so the pages show exactly those outputs and
@@ -98,7 +100,7 @@ execute: $(STAMP)
 			$$nb $$start $$(date +%s.%N); \
 	done
 
-# Benchmarks (chapter 8 renders benchmarks/results.json; each script rewrites its section of it, with
+# Benchmarks (chapter 10 renders benchmarks/results.json; each script rewrites its section of it, with
 # the machine it ran on). Timings vary with the machine; ratios come from one run, side by side.
 BENCH_PY = $(if $(wildcard .venv-bench/bin/python),.venv-bench/bin/python,$(BIN)/python)
 bench: bench-dpsgd bench-accountant bench-fedavg bench-scaling
@@ -117,11 +119,11 @@ bench-fedavg: $(STAMP)
 	$(BENCH_PY) benchmarks/fedavg_round.py
 
 # Up to 10^6 users / 5e7 ratings: ~20 min and <4 GB on an idle 2-core machine;
-# SCALING="--max-users 100000" for a quick run. Then `make execute NB=chapters/08_performance.ipynb`.
+# SCALING="--max-users 100000" for a quick run. Then `make execute NB=chapters/10_performance.ipynb`.
 bench-scaling: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py $(SCALING)
 
-# Chapter 9: the same federated algorithm on Flower. Flower's pins conflict with the book's
+# Chapter 11: the same federated algorithm on Flower. Flower's pins conflict with the book's
 # (packaging, rich, typer), so it lives in a second environment built from flower/requirements.lock.
 FLOWER_VENV := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
@@ -138,7 +140,7 @@ flower-test: $(FLOWER_STAMP)
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 PRIVREC_REQUIRE_FLOWER=1 \
 		$(FLOWER_VENV)/bin/python -m pytest -p no:cacheprovider -q tests/test_flower_deploy.py
 
-# Re-measure the committed run that chapter 9 reads (then re-execute chapter 9).
+# Re-measure the committed run that chapter 11 reads (then re-execute chapter 11).
 flower-demo: $(FLOWER_STAMP)
 	$(FLOWER_VENV)/bin/python flower/deploy.py --out flower/results/deployment.json
 

@@ -22,8 +22,8 @@ from _common import interleaved_medians, save_section
 
 
 def contestants(*, sigma: float, q: float, steps: int, delta: float) -> dict:
-    from privrec.accounting import DEFAULT_ORDERS, OPACUS_ORDERS, get_epsilon
-    from privrec.ledger import PrivacyLedger
+    from privrec.dp.accounting import DEFAULT_ORDERS, OPACUS_ORDERS, get_epsilon
+    from privrec.dp.ledger import PrivacyLedger
 
     calls = {
         f"privrec get_epsilon, DEFAULT_ORDERS ({len(DEFAULT_ORDERS)})": lambda: get_epsilon(

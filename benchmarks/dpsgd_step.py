@@ -8,7 +8,7 @@ their values), so nothing is downloaded. Opacus is a benchmark dependency only.
 Contestants, all on the same batches:
 
 - ``no privacy``: autograd on the mean squared error, Adam (what ``fit_explicit`` does);
-- ``privrec``: :class:`privrec.dpsgd.DPSGD` (closed-form per-rating gradient norms, clipping,
+- ``privrec``: :class:`privrec.central.dpsgd.DPSGD` (closed-form per-rating gradient norms, clipping,
   noise on every row, Adam, one accountant step);
 - Opacus ``hooks`` (its default: per-example gradients materialised by backward hooks),
   ``functorch`` (per-example gradients by ``vmap``), ``ew`` (expanded weights) and ``ghost``
@@ -70,10 +70,10 @@ def make_data(batch: int):
 
 def plain_step(dim: int, tensors, batches):
     try:
-        from privrec.per_example import mf_loss
+        from privrec.central.per_example import mf_loss
     except ImportError:  # before the DP-SGD modules were split
-        from privrec.dpsgd import mf_loss
-    from privrec.models import BiasedMF
+        from privrec.central.dpsgd import mf_loss
+    from privrec.recsys.models import BiasedMF
 
     users, items, ratings = tensors
     model = BiasedMF(N_USERS, N_ITEMS, dim, global_mean=3.5)
@@ -92,8 +92,8 @@ def plain_step(dim: int, tensors, batches):
 
 def privrec_step(dim: int, train: pd.DataFrame, batches, batch: int):
     """privrec's DPSGD.step on a given batch (the API helper 'dp' keeps: DPSGD(...).step(index))."""
-    from privrec.dpsgd import DPSGD
-    from privrec.models import BiasedMF
+    from privrec.central.dpsgd import DPSGD
+    from privrec.recsys.models import BiasedMF
 
     trainer = DPSGD(BiasedMF(N_USERS, N_ITEMS, dim, global_mean=3.5), train, clip_norm=CLIP,
                     noise_multiplier=SIGMA, sample_rate=batch / N_TRAIN, lr=LR, seed=0)
@@ -148,7 +148,7 @@ def memory_child(name: str, args) -> None:
     """Child process: build one contestant, run it, print its peak memory as JSON."""
     import opacus  # noqa: F401 - imports are not the step's memory
 
-    import privrec.dpsgd  # noqa: F401
+    import privrec.central.dpsgd  # noqa: F401
 
     train, tensors, batches = make_data(args.batch)
     base = current_rss_mib()

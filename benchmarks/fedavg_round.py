@@ -4,7 +4,7 @@
     .venv-bench/bin/python benchmarks/fedavg_round.py --rounds 10
 
 Times one round (broadcast, closed-form user solve, local training, aggregation, server step) of
-:class:`privrec.federated.FederatedSimulator` with :class:`FederatedMF` ``engine="vectorised"``
+:class:`privrec.federated.engine.FederatedSimulator` with :class:`FederatedMF` ``engine="vectorised"``
 and with the plain Python loop over clients (``engine="loop"``), checks that both give the same
 model, and prints the ratio. Flower's Simulation Engine (``flwr[simulation]``, see
 :mod:`flower_round`) runs the same local training per client when it is importable: it is a
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from _common import current_rss_mib, interleaved_medians, peak_rss_mib, run_measured, save_section
 
-from privrec.data import load_movielens100k, random_split
-from privrec.federated import FederatedMF, FederatedSimulator
-from privrec.strategies import FedAvg
+from privrec.federated.engine import FederatedMF, FederatedSimulator
+from privrec.federated.strategies import FedAvg
+from privrec.recsys.data import load_movielens100k, random_split
 
 
 def simulator(train, n_users: int, n_items: int, *, engine: str, dim: int, local_epochs: int):

@@ -31,8 +31,8 @@ from flwr.server import ServerConfig
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 from flwr.simulation import start_simulation
 
-from privrec.federated import FederatedMF, FederatedSimulator
-from privrec.strategies import FedAvg
+from privrec.federated.engine import FederatedMF, FederatedSimulator
+from privrec.federated.strategies import FedAvg
 
 SHARED = ("item_factors", "item_bias", "global_bias")
 

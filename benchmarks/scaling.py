@@ -11,14 +11,14 @@ ratings run 5*10^4 .. 5*10^7. Model: biased MF, dim 32.
 Workloads (each point in a fresh process that loads the cached arrays, so its peak memory is its
 own; the parent kills a process whose resident memory passes ``--memory-cap-mib``):
 
-- ``fedavg``: :class:`privrec.federated.FederatedSimulator` with :class:`FederatedMF`
+- ``fedavg``: :class:`privrec.federated.engine.FederatedSimulator` with :class:`FederatedMF`
   (cross-device: every user a client), plain FedAvg, all clients in the round; the time of the
   last of ``--rounds`` rounds (default 2 below 10^7 ratings: the first pays one-off allocations;
   both are recorded; 1 from 10^7 ratings, where that is negligible) and the set-up time;
-- ``dpfedavg``: the same round under :class:`privrec.dpfedavg.DPFedAvg` wrapping FedAvg
+- ``dpfedavg``: the same round under :class:`privrec.federated.dpfedavg.DPFedAvg` wrapping FedAvg
   (Poisson sample rate 1, so the cohort is the same as FedAvg's: the difference is the cost of
   per-client clipping and noise), clip norm 1, noise multiplier 1;
-- ``dpsgd``: :class:`privrec.dpsgd.DPSGD` at sample rate 1/64, so one epoch is 64 steps with an
+- ``dpsgd``: :class:`privrec.central.dpsgd.DPSGD` at sample rate 1/64, so one epoch is 64 steps with an
   expected batch of ratings/64; ``--dpsgd-steps`` steps are timed after one warm-up step and the
   median step time is multiplied by 64.
 
@@ -52,14 +52,14 @@ def config(n_users: int) -> tuple[int, int, int]:
 
 
 def _federated(users, items, ratings, n_users, n_items, *, private: bool, rounds: int) -> dict:
-    from privrec.federated import FederatedMF, FederatedSimulator
-    from privrec.strategies import FedAvg
+    from privrec.federated.engine import FederatedMF, FederatedSimulator
+    from privrec.federated.strategies import FedAvg
 
     start = time.perf_counter()
     model = FederatedMF.from_arrays(users, items, ratings, n_users=n_users, n_items=n_items, dim=DIM)
     strategy = FedAvg()
     if private:
-        from privrec.dpfedavg import DPFedAvg
+        from privrec.federated.dpfedavg import DPFedAvg
         strategy = DPFedAvg(strategy, n_clients=model.n_clients, sample_rate=1.0, clip_norm=1.0,
                             noise_multiplier=1.0)
     sim = FederatedSimulator(model, strategy)
@@ -77,8 +77,8 @@ def _federated(users, items, ratings, n_users, n_items, *, private: bool, rounds
 def _dpsgd(users, items, ratings, n_users, n_items, *, steps: int) -> dict:
     import pandas as pd
 
-    from privrec.dpsgd import DPSGD
-    from privrec.models import BiasedMF
+    from privrec.central.dpsgd import DPSGD
+    from privrec.recsys.models import BiasedMF
 
     start = time.perf_counter()
     train = pd.DataFrame({"user": users, "item": items, "rating": ratings}, copy=False)
@@ -101,8 +101,8 @@ def child(workload: str, n_users: int, args) -> None:
     import torch
     from synthetic import cached
 
-    import privrec.dpsgd  # noqa: F401 - imports before the baseline
-    import privrec.federated  # noqa: F401
+    import privrec.central.dpsgd  # noqa: F401 - imports before the baseline
+    import privrec.federated.engine  # noqa: F401
 
     torch.set_num_threads(1)
     n_users, n_items, n_ratings = config(n_users)

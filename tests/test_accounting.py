@@ -1,4 +1,4 @@
-"""Tests for privrec.accounting: cross-checks against Opacus and dp-accounting, an independent
+"""Tests for privrec.dp.accounting: cross-checks against Opacus and dp-accounting, an independent
 numerical-integration check of the RDP formulas, composition theorems, and parameter validation.
 
 How the cross-checks compare like with like
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from privrec import accounting as acc
-from privrec.accounting import (
+from privrec.dp import accounting as acc
+from privrec.dp.accounting import (
     DEFAULT_ORDERS,
     OPACUS_ORDERS,
     advanced_composition,
@@ -35,7 +35,7 @@ from privrec.accounting import (
     rdp_to_epsilon,
     sequential_composition,
 )
-from privrec.ledger import RDPAccountant
+from privrec.dp.ledger import RDPAccountant
 
 SAMPLE_RATES = [1e-4, 1e-3, 0.01, 0.1, 0.5, 0.999, 1.0]
 NOISE_MULTIPLIERS = [0.5, 0.8, 1.5, 5.0, 20.0]
@@ -181,7 +181,7 @@ def test_full_batch_is_plain_gaussian_rdp():
 def test_rdp_epsilon_upper_bounds_the_exact_gaussian_epsilon():
     """RDP conversion is a valid but loose bound: at q=1, one step, it must be >= the exact epsilon
     of the Gaussian mechanism (Balle & Wang 2018), and not absurdly larger."""
-    from privrec.mechanisms import gaussian_delta
+    from privrec.dp.mechanisms import gaussian_delta
 
     for sigma, delta in [(1.0, 1e-5), (3.0, 1e-6), (0.7, 1e-3)]:
         eps_rdp = get_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=delta)

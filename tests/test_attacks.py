@@ -1,4 +1,4 @@
-"""Tests for privrec.attacks: what the server learns, and what the defences cost it."""
+"""Tests for privrec.attacks.update_inversion: what the server learns, and what the defences cost it."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privrec.attacks import (
+from privrec.attacks.update_inversion import (
     invert_ratings,
     item_set_attack,
     score_item_sets,
     score_ratings,
     true_item_sets,
 )
-from privrec.data import synthetic_movielens
-from privrec.dpfedavg import DPFedAvg
-from privrec.federated import FederatedMF, FederatedSimulator
-from privrec.partitions import iid_partition
-from privrec.primitives import clip_factors
-from privrec.strategies import FedAvg
+from privrec.dp.primitives import clip_factors
+from privrec.federated.dpfedavg import DPFedAvg
+from privrec.federated.engine import FederatedMF, FederatedSimulator
+from privrec.federated.partitions import iid_partition
+from privrec.federated.strategies import FedAvg
+from privrec.recsys.data import synthetic_movielens
 
 ML = synthetic_movielens(n_users=60, n_items=90, n_ratings=1500, seed=1)
 TRAIN = ML.ratings

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from privrec.audit import (
+from privrec.attacks.audit import (
     TouchedRowsNoiseDPSGD,
     UnclippedDPSGD,
     audit_dpsgd,
@@ -17,9 +17,9 @@ from privrec.audit import (
     one_run_epsilon_lower_bound,
     one_run_p_value,
 )
-from privrec.data import synthetic_movielens
-from privrec.dpsgd import DPSGD
-from privrec.models import BiasedMF
+from privrec.central.dpsgd import DPSGD
+from privrec.recsys.data import synthetic_movielens
+from privrec.recsys.models import BiasedMF
 
 SMALL = synthetic_movielens(seed=0)
 DPSGD_KW = dict(epochs=5, sample_rate=0.1, clip_norm=0.5, lr=0.05)

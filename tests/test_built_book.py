@@ -148,7 +148,7 @@ def test_math_renders_from_the_vendored_mathjax(browser):
 
 
 # Issue 15: every chapter's interactive figure responds in the page without a kernel. Chapter 5 has
-# privrec.explorer's chart; the others a privrec.static_widget face of their ipywidget.
+# privrec.course.explorer's chart; the others a privrec.course.static_widget face of their ipywidget.
 CHAPTER_PAGES = [p for p in PAGES if p.startswith(tuple(f"chapters/0{n}_" for n in range(1, 8)))]
 
 

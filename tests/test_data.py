@@ -1,11 +1,11 @@
-"""privrec.data: loaders, splits, the synthetic twin, and their ValueError paths."""
+"""privrec.recsys.data: loaders, splits, the synthetic twin, and their ValueError paths."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from privrec import data
-from privrec.data import (
+from privrec.recsys import data
+from privrec.recsys.data import (
     cold_start_split,
     leave_last_out_split,
     load_movielens100k,

@@ -1,4 +1,4 @@
-"""privrec.dpfedavg: the DP wrapper's clipping, noise, sampling, ledger and released model."""
+"""privrec.federated.dpfedavg: the DP wrapper's clipping, noise, sampling, ledger and released model."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from privrec.accounting import get_epsilon
-from privrec.data import random_split, synthetic_movielens
-from privrec.dpfedavg import DPFedAvg, fit_dp_fedavg_mf, round_events
-from privrec.federated import FederatedMF, FederatedSimulator
-from privrec.ledger import PrivacyLedger
-from privrec.metrics import evaluate_ratings
-from privrec.models import BiasedMF
-from privrec.partitions import cross_device, iid_partition
-from privrec.strategies import FedAdam, FedAvg, FedAvgM
-from privrec.train import global_mean_model
-from privrec.updates import ClientUpdates, RowUpdates
+from privrec.dp.accounting import get_epsilon
+from privrec.dp.ledger import PrivacyLedger
+from privrec.federated.dpfedavg import DPFedAvg, fit_dp_fedavg_mf, round_events
+from privrec.federated.engine import FederatedMF, FederatedSimulator
+from privrec.federated.partitions import cross_device, iid_partition
+from privrec.federated.strategies import FedAdam, FedAvg, FedAvgM
+from privrec.federated.updates import ClientUpdates, RowUpdates
+from privrec.recsys.data import random_split, synthetic_movielens
+from privrec.recsys.metrics import evaluate_ratings
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import global_mean_model
 
 ML = synthetic_movielens(n_users=60, n_items=40, n_ratings=900, seed=3)
 TRAIN, TEST = random_split(ML.ratings, seed=0)

@@ -1,4 +1,4 @@
-"""Tests of privrec.dpsgd: the noise, the sampler, the ledger, neighbouring datasets, bad input."""
+"""Tests of privrec.central.dpsgd: the noise, the sampler, the ledger, neighbouring datasets, bad input."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from scipy import stats
 
-from privrec.accounting import compute_rdp, rdp_to_epsilon
-from privrec.data import random_split, synthetic_movielens
-from privrec.dpsgd import DPSGD, dpsgd_steps, fit_dpsgd, noisy_average
-from privrec.ledger import PrivacyLedger, default_delta
-from privrec.metrics import evaluate_ratings
-from privrec.models import BiasedMF
-from privrec.per_example import mf_clipped_gradient_sum
-from privrec.train import ratings_to_tensors
+from privrec.central.dpsgd import DPSGD, dpsgd_steps, fit_dpsgd, noisy_average
+from privrec.central.per_example import mf_clipped_gradient_sum
+from privrec.dp.accounting import compute_rdp, rdp_to_epsilon
+from privrec.dp.ledger import PrivacyLedger, default_delta
+from privrec.recsys.data import random_split, synthetic_movielens
+from privrec.recsys.metrics import evaluate_ratings
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import ratings_to_tensors
 
 
 @pytest.fixture(scope="module")

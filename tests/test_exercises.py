@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from privrec import exercises as check
-from privrec.exercise_grading import NOT_ATTEMPTED
+from privrec.course import exercises as check
+from privrec.course.exercise_grading import NOT_ATTEMPTED
 
 CHECKERS = sorted(check.SOLUTIONS)
 
@@ -147,13 +147,13 @@ def test_unlisted_mistake_reports_the_first_failing_case():
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-COURSE_CHAPTERS = sorted(p for p in (ROOT / "chapters").glob("0[1-7]_*.ipynb")
+COURSE_CHAPTERS = sorted(p for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")
                          if '"course-intro-' in p.read_text())
 
 
 def test_the_chapters_done_so_far_carry_their_exercises():
     names = {p.name[:2] for p in COURSE_CHAPTERS}
-    assert {"01", "02", "03", "04", "05", "06", "07"} <= names
+    assert {"01", "02", "03", "04", "05", "06", "09"} <= names
 
 
 @pytest.mark.parametrize("path", COURSE_CHAPTERS, ids=lambda p: p.name[:2])

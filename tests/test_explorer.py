@@ -1,4 +1,4 @@
-"""privrec.explorer: the static explorer's HTML, and (in headless Chromium, offline) that moving
+"""privrec.course.explorer: the static explorer's HTML, and (in headless Chromium, offline) that moving
 its controls changes what it plots."""
 
 import json
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from privrec.explorer import explorer_html
+from privrec.course.explorer import explorer_html
 
 EPS = (1.0, 4.0, math.inf)
 CLIENTS = (10, 100)

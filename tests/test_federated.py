@@ -1,4 +1,4 @@
-"""Tests for privrec.federated: engines agree, aggregation weights, information flow, bytes, scale."""
+"""Tests for privrec.federated.engine: engines agree, aggregation weights, information flow, bytes, scale."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import pandas as pd
 import pytest
 import torch
 
-from privrec.data import random_split, synthetic_movielens
-from privrec.federated import (
+from privrec.federated.engine import (
     BYTES_PER_FLOAT,
     BYTES_PER_INDEX,
     PUBLIC_GLOBAL_MEAN,
     FederatedMF,
     FederatedSimulator,
 )
-from privrec.local_mf import sample_fake_items, solve_user_ridge
-from privrec.metrics import evaluate_ratings
-from privrec.models import BiasedMF
-from privrec.partitions import cross_device, dirichlet_genre_partition, iid_partition
-from privrec.strategies import FedAvg, FedAvgM
-from privrec.train import fit_explicit, global_mean_model
-from privrec.updates import ClientUpdates
+from privrec.federated.mf_local import sample_fake_items, solve_user_ridge
+from privrec.federated.partitions import cross_device, dirichlet_genre_partition, iid_partition
+from privrec.federated.strategies import FedAvg, FedAvgM
+from privrec.federated.updates import ClientUpdates
+from privrec.recsys.data import random_split, synthetic_movielens
+from privrec.recsys.metrics import evaluate_ratings
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import fit_explicit, global_mean_model
 
 ML = synthetic_movielens(n_users=50, n_items=70, n_ratings=1200, seed=3)
 TRAIN, TEST = random_split(ML.ratings, seed=0)

@@ -36,7 +36,7 @@ from privrec_flower.task import (  # noqa: E402
     silo_data,
 )
 
-from privrec.ledger import PrivacyLedger  # noqa: E402
+from privrec.dp.ledger import PrivacyLedger  # noqa: E402
 
 TOL = 1e-5
 

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from privrec.data import synthetic_movielens
-from privrec.inference import (
+from privrec.attacks.inference import (
     attack_summary,
     attribute_inference_auc,
     clopper_pearson,
@@ -15,7 +14,7 @@ from privrec.inference import (
     roc_auc,
     tpr_at_fpr,
 )
-from privrec.membership import (
+from privrec.attacks.membership import (
     calibrated_loss_scores,
     candidate_split,
     inclusion_masks,
@@ -25,8 +24,9 @@ from privrec.membership import (
     residuals,
     with_candidates,
 )
-from privrec.models import BiasedMF
-from privrec.train import fit_explicit
+from privrec.recsys.data import synthetic_movielens
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import fit_explicit
 
 
 def pairwise_auc(s, y):

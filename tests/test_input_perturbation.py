@@ -1,4 +1,4 @@
-"""Tests of privrec.input_perturbation: Laplace on rating values, randomized response on cells."""
+"""Tests of privrec.central.input_perturbation: Laplace on rating values, randomized response on cells."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from privrec.data import synthetic_movielens
-from privrec.input_perturbation import laplace_perturb_ratings, randomized_response_interactions
-from privrec.ledger import PrivacyLedger
+from privrec.central.input_perturbation import laplace_perturb_ratings, randomized_response_interactions
+from privrec.dp.ledger import PrivacyLedger
+from privrec.recsys.data import synthetic_movielens
 
 
 @pytest.fixture(scope="module")

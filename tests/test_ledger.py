@@ -1,4 +1,4 @@
-"""Tests of privrec.ledger as DP code uses it: merging, units, the delta rule, calibration."""
+"""Tests of privrec.dp.ledger as DP code uses it: merging, units, the delta rule, calibration."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from privrec import ledger as ledger_module
-from privrec.accounting import compute_rdp, get_epsilon, laplace_rdp, rdp_to_epsilon
-from privrec.ledger import MAX_DELTA_TIMES_N, PrivacyEvent, PrivacyLedger, default_delta
+from privrec.dp import ledger as ledger_module
+from privrec.dp.accounting import compute_rdp, get_epsilon, laplace_rdp, rdp_to_epsilon
+from privrec.dp.ledger import MAX_DELTA_TIMES_N, PrivacyEvent, PrivacyLedger, default_delta
 
 
 def test_doctests():

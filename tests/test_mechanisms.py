@@ -1,4 +1,4 @@
-"""Statistical tests of privrec.mechanisms. Every test is seeded and uses bounds a wrong scale fails.
+"""Statistical tests of privrec.dp.mechanisms. Every test is seeded and uses bounds a wrong scale fails.
 
 Tolerances are z = 5 standard errors unless stated (false-alarm probability ~6e-7 per check).
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from privrec import discrete, empirical, local_dp, mechanisms
-from privrec.mechanisms import (
+from privrec.dp import discrete, empirical, local_dp, mechanisms
+from privrec.dp.mechanisms import (
     add_gaussian_noise,
     analytic_gaussian_sigma,
     clamp,
@@ -296,7 +296,7 @@ def test_clip_rows_is_differentiable():
     out = clip_rows_l2(x, clip_norm=1.0)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    # the zero row stays zero (the one zero-guard of privrec.primitives.clip_factors)
+    # the zero row stays zero (the one zero-guard of privrec.dp.primitives.clip_factors)
     torch.testing.assert_close(out.detach(), torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
 
 

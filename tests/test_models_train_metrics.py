@@ -1,4 +1,4 @@
-"""privrec.models, privrec.train and privrec.metrics: behaviour and ValueError paths."""
+"""privrec.recsys.models, privrec.recsys.train and privrec.recsys.metrics: behaviour and ValueError paths."""
 
 import math
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from privrec.data import leave_last_out_split, random_split, synthetic_movielens
-from privrec.metrics import (
+from privrec.recsys.data import leave_last_out_split, random_split, synthetic_movielens
+from privrec.recsys.metrics import (
     canonical_order,
     evaluate_ranking,
     evaluate_ratings,
@@ -18,8 +18,8 @@ from privrec.metrics import (
     rmse,
     top_k,
 )
-from privrec.models import BiasedMF
-from privrec.train import (
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import (
     fit_bias_baseline,
     fit_explicit,
     fit_implicit,
@@ -180,7 +180,7 @@ def test_heldout_ndcg_by_hand():
 
 
 def test_cached_json_memoises_and_keys_on_config(tmp_path):
-    from privrec import book
+    from privrec.course import book
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""Tests for privrec.partitions: sizes, seeds, skew, tie-breaking, user subsampling."""
+"""Tests for privrec.federated.partitions: sizes, seeds, skew, tie-breaking, user subsampling."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privrec import partitions as parts
-from privrec.data import synthetic_movielens
+from privrec.federated import partitions as parts
+from privrec.recsys.data import synthetic_movielens
 
 Partition, cross_device, iid_partition = parts.Partition, parts.cross_device, parts.iid_partition
 demographic_partition = parts.demographic_partition

@@ -1,13 +1,11 @@
-"""Tests of privrec.per_example: the closed-form per-rating gradients against torch.func."""
+"""Tests of privrec.central.per_example: the closed-form per-rating gradients against torch.func."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from privrec.data import synthetic_movielens
-from privrec.models import BiasedMF
-from privrec.per_example import (
+from privrec.central.per_example import (
     MF_PARAMETER_NAMES,
     clip_and_sum,
     mf_clipped_gradient_sum,
@@ -19,7 +17,9 @@ from privrec.per_example import (
     per_example_norms,
     trainable_names,
 )
-from privrec.train import ratings_to_tensors
+from privrec.recsys.data import synthetic_movielens
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import ratings_to_tensors
 
 
 @pytest.fixture(scope="module")

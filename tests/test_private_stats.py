@@ -1,4 +1,4 @@
-"""Tests of privrec.private_stats: private biases and popularity, and the bias-residual trainer."""
+"""Tests of privrec.central.private_stats: private biases and popularity, and the bias-residual trainer."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
-from privrec import private_stats
-from privrec.accounting import compute_rdp, rdp_to_epsilon
-from privrec.data import leave_last_out_split, random_split, synthetic_movielens
-from privrec.dpsgd import DPSGD
-from privrec.ledger import PrivacyLedger
-from privrec.metrics import evaluate_ratings
-from privrec.models import BiasedMF
-from privrec.private_stats import (
+from privrec.central import private_stats
+from privrec.central.dpsgd import DPSGD
+from privrec.central.private_stats import (
     CENTER,
     PrivateBiases,
     bias_events,
@@ -22,7 +17,12 @@ from privrec.private_stats import (
     private_biases,
     private_item_popularity,
 )
-from privrec.train import fit_bias_baseline
+from privrec.dp.accounting import compute_rdp, rdp_to_epsilon
+from privrec.dp.ledger import PrivacyLedger
+from privrec.recsys.data import leave_last_out_split, random_split, synthetic_movielens
+from privrec.recsys.metrics import evaluate_ratings
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.train import fit_bias_baseline
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privrec.data import synthetic_movielens
-from privrec.reidentification import (
+from privrec.attacks.reidentification import (
     SECONDS_PER_DAY,
     adversary_knowledge,
     candidate_counts,
@@ -13,6 +12,7 @@ from privrec.reidentification import (
     reidentification_rate,
     release_tables,
 )
+from privrec.recsys.data import synthetic_movielens
 
 DAY = SECONDS_PER_DAY
 

@@ -1,9 +1,9 @@
-"""privrec.secagg: masks hide single uploads, cancel in the sum, and survive dropouts."""
+"""privrec.federated.secagg: masks hide single uploads, cancel in the sum, and survive dropouts."""
 
 import pytest
 import torch
 
-from privrec.secagg import (
+from privrec.federated.secagg import (
     MODULUS,
     SecureAggregationRound,
     dequantise,

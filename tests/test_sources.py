@@ -8,8 +8,9 @@
    (Python's list.sort, stable by definition), or a comment `# tie-free: <reason>` on one of the
    call's lines saying why no tie can reach a printed number (e.g. "ties broken by item id",
    "values are distinct ids", "argmax returns the first maximum; order fixed by id").
-2. The bars of issue 10 for lib/privrec: a module at most 450 lines, a class at most 200, a
-   function or method at most 60 (docstrings included).
+2. The bars of issues 10 and 19 for lib/privrec: a module at most 450 lines, a class at most 200, a
+   function or method at most 60 (docstrings included) -- and no unit within 5% of its bar, so that
+   the next edit does not force a split by line count instead of by meaning.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = sorted((ROOT / "lib" / "privrec").glob("*.py"))
+LIBRARY = sorted((ROOT / "lib" / "privrec").rglob("*.py"))
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 ORDERINGS = {"argsort", "sort", "topk", "argmax", "argmin", "argpartition", "sort_values",
              "nlargest", "nsmallest"}
 STABLE_KINDS = {"stable", "mergesort"}
 MARKER = re.compile(r"#\s*tie-free:\s*\S")
 MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 450, 200, 60
+HEADROOM = 0.95  # issue 19: no unit within 5% of its bar
 
 
 def _has_tie_rule(call: ast.Call) -> bool:
@@ -81,7 +83,7 @@ def test_the_scanner_finds_what_it_must():
     assert unstable_orderings(good) == []
 
 
-@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT / "lib")))
 def test_library_orderings_state_their_tie_rule(path):
     found = unstable_orderings(path.read_text())
     assert not found, f"{path.relative_to(ROOT)}: orderings without a tie rule:\n" + "\n".join(
@@ -108,27 +110,28 @@ def size_violations(path: Path) -> list[str]:
     source = path.read_text()
     problems = []
     n_lines = len(source.splitlines())
-    if n_lines > MAX_MODULE:
-        problems.append(f"module: {n_lines} lines > {MAX_MODULE}")
+    if n_lines > int(MAX_MODULE * HEADROOM):
+        problems.append(f"module: {n_lines} lines > {int(MAX_MODULE * HEADROOM)} (95% of {MAX_MODULE})")
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             length = node.end_lineno - start + 1
             bar = MAX_CLASS if isinstance(node, ast.ClassDef) else MAX_FUNCTION
-            if length > bar:
+            if length > int(bar * HEADROOM):
                 kind = "class" if isinstance(node, ast.ClassDef) else "function"
-                problems.append(f"{kind} {node.name} (line {node.lineno}): {length} lines > {bar}")
+                problems.append(f"{kind} {node.name} (line {node.lineno}): {length} lines > "
+                                f"{int(bar * HEADROOM)} (95% of {bar})")
     return problems
 
 
 def test_size_checker_measures_decorators_and_docstrings(tmp_path):
-    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    body = "\n".join(f"    x{i} = {i}" for i in range(55))
     module = tmp_path / "m.py"
     module.write_text(f'@decorator\ndef f():\n    """Doc."""\n{body}\n')
-    assert size_violations(module) == ["function f (line 2): 63 lines > 60"]
+    assert size_violations(module) == ["function f (line 2): 58 lines > 57 (95% of 60)"]
 
 
-@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT / "lib")))
 def test_library_module_within_the_size_bars(path):
     problems = size_violations(path)
     assert not problems, f"{path.relative_to(ROOT)}:\n  " + "\n  ".join(problems)

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from privrec.static_widget import static_widget_html  # noqa: E402
+from privrec.course.static_widget import static_widget_html  # noqa: E402
 
 
 def _draw(slope, shift):

@@ -1,4 +1,4 @@
-"""Tests for privrec.strategies: sampling, weighted means on crafted uploads, server optimisers."""
+"""Tests for privrec.federated.strategies: sampling, weighted means on crafted uploads, server optimisers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from privrec.strategies import FedAdam, FedAvg, FedAvgM
-from privrec.updates import ClientUpdates, RowUpdates
+from privrec.federated.strategies import FedAdam, FedAvg, FedAvgM
+from privrec.federated.updates import ClientUpdates, RowUpdates
 
 SHAPES = {"table": torch.Size([4, 2]), "scalar": torch.Size([])}
 

@@ -1,4 +1,4 @@
-"""privrec.text_encoder: item texts, the embedding cache (with a fake encoder), the real
+"""privrec.recsys.text_encoder: item texts, the embedding cache (with a fake encoder), the real
 language model on three texts, the public PCA projection, and a light import."""
 
 import subprocess
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-import privrec.text_encoder as text_encoder
-from privrec.data import synthetic_movielens
-from privrec.text_encoder import (
+import privrec.recsys.text_encoder as text_encoder
+from privrec.recsys.data import synthetic_movielens
+from privrec.recsys.text_encoder import (
     embedding_cache_path,
     encode_items,
     item_text,
@@ -177,10 +177,10 @@ def test_principal_direction_signs_do_not_depend_on_the_input_sign():
 
 
 def test_importing_the_encoder_and_two_tower_loads_no_simulator_or_language_model():
-    code = ("import sys, privrec.text_encoder, privrec.two_tower; "
+    code = ("import sys, privrec.recsys.text_encoder, privrec.recsys.two_tower; "
             "print(sorted(m for m in sys.modules if m.startswith(('privrec.', 'transformers', "
             "'sentence_transformers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = eval(out.stdout)  # a printed list of module names
-    assert "privrec.federated" not in loaded and "privrec.dpfedavg" not in loaded
+    assert "privrec.federated.engine" not in loaded and "privrec.federated.dpfedavg" not in loaded
     assert not [m for m in loaded if m.startswith(("transformers", "sentence_transformers"))]

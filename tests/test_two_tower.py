@@ -1,4 +1,4 @@
-"""privrec.two_tower: the model, central training, and the federated clients (FederatedImplicit)
+"""privrec.recsys.two_tower: the model, central training, and the federated clients (FederatedImplicit)
 -- what they upload, what stays on the device, and what the server starts from on neighbouring
 data sets. Training through the federated engine and DP-FedAvg: tests/test_two_tower_dp.py."""
 
@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from privrec.data import synthetic_movielens
-from privrec.metrics import evaluate_ranking
-from privrec.models import BiasedMF
-from privrec.two_tower import FederatedImplicit, TwoTowerRecommender, fit_two_tower, shared_size
+from privrec.federated.two_tower import FederatedImplicit
+from privrec.recsys.data import synthetic_movielens
+from privrec.recsys.metrics import evaluate_ranking
+from privrec.recsys.models import BiasedMF
+from privrec.recsys.two_tower import TwoTowerRecommender, fit_two_tower, shared_size
 
 
 def _embeddings(n_items=80, dim=48, seed=0):

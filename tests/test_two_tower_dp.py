@@ -1,5 +1,5 @@
-"""The two-tower model trained through the federated engine (privrec.federated) and its DP-FedAvg
-wrapper (privrec.dpfedavg): the same engine and ledger as matrix factorisation.
+"""The two-tower model trained through the federated engine (privrec.federated.engine) and its DP-FedAvg
+wrapper (privrec.federated.dpfedavg): the same engine and ledger as matrix factorisation.
 
 Checked: what the server sees before the first noisy release is identical on neighbouring data
 sets; the reported epsilon is the ledger's and matches Opacus's accountant; the noise on the
@@ -13,13 +13,14 @@ import torch
 from opacus.accountants import RDPAccountant as OpacusRDP
 from test_two_tower import _neighbours, new_model, synthetic_with_text
 
-from privrec.accounting import OPACUS_ORDERS
-from privrec.dpfedavg import DPFedAvg
-from privrec.federated import FederatedSimulator
-from privrec.ledger import PrivacyLedger
-from privrec.metrics import evaluate_ranking
-from privrec.strategies import FedAvg, FedAvgM
-from privrec.two_tower import FederatedImplicit, TwoTowerRecommender
+from privrec.dp.accounting import OPACUS_ORDERS
+from privrec.dp.ledger import PrivacyLedger
+from privrec.federated.dpfedavg import DPFedAvg
+from privrec.federated.engine import FederatedSimulator
+from privrec.federated.strategies import FedAvg, FedAvgM
+from privrec.federated.two_tower import FederatedImplicit
+from privrec.recsys.metrics import evaluate_ranking
+from privrec.recsys.two_tower import TwoTowerRecommender
 
 
 def _private_sim(model, ratings, *, target_epsilon=4.0, rounds=5, sample_rate=0.3, clip_norm=0.5,

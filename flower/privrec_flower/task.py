@@ -2,8 +2,9 @@
 server's strategy, and the codecs between privrec's tensors and Flower's records.
 
 Nothing here re-implements training or aggregation: a client calls
-:meth:`privrec.federated.FederatedMF.local_training`, the server calls the
-:mod:`privrec.strategies` / :class:`privrec.dpfedavg.DPFedAvg` objects the simulator calls.
+:meth:`privrec.federated.engine.FederatedMF.local_training`, the server calls the
+:mod:`privrec.federated.strategies` / :class:`privrec.federated.dpfedavg.DPFedAvg` objects
+the simulator calls.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from privrec.data import load_movielens100k, random_split
-from privrec.dpfedavg import DPFedAvg
-from privrec.federated import PUBLIC_GLOBAL_MEAN, FederatedMF
-from privrec.models import BiasedMF
-from privrec.partitions import Partition, iid_partition
-from privrec.strategies import FedAvg, FedAvgM
-from privrec.updates import ClientUpdates, RowUpdates
+from privrec.federated.dpfedavg import DPFedAvg
+from privrec.federated.engine import PUBLIC_GLOBAL_MEAN, FederatedMF
+from privrec.federated.partitions import Partition, iid_partition
+from privrec.federated.strategies import FedAvg, FedAvgM
+from privrec.federated.updates import ClientUpdates, RowUpdates
+from privrec.recsys.data import load_movielens100k, random_split
+from privrec.recsys.models import BiasedMF
 
 #: The app's defaults (the same keys as ``[tool.flwr.app.config]`` in ``flower/pyproject.toml``;
 #: ``tests/test_flower_deploy.py`` checks that both agree).
@@ -56,13 +57,13 @@ class RunConfig:
         return cls(values)
 
     def model_kwargs(self) -> dict:
-        """The :class:`~privrec.federated.FederatedMF` hyperparameters of this run."""
+        """The :class:`~privrec.federated.engine.FederatedMF` hyperparameters of this run."""
         return {"dim": int(self["dim"]), "local_epochs": int(self["local-epochs"]),
                 "local_lr": float(self["local-lr"]), "seed": int(self["seed"])}
 
 
 def load_split(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ML-100K (from the recbole wheel, offline), split by :func:`privrec.data.random_split`."""
+    """ML-100K (from the recbole wheel, offline), split by :func:`privrec.recsys.data.random_split`."""
     ml = load_movielens100k()
     if (ml.n_users, ml.n_items) != (int(cfg["n-users"]), int(cfg["n-items"])):
         raise ValueError(f"the data has {ml.n_users} users and {ml.n_items} items, the run config "
@@ -101,7 +102,7 @@ def full_model(cfg: RunConfig) -> tuple[FederatedMF, pd.DataFrame]:
 
 def initial_shared(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The server's initial model: seeded noise and the public global mean (no data), built as
-    :class:`~privrec.federated.FederatedMF` builds it."""
+    :class:`~privrec.federated.engine.FederatedMF` builds it."""
     init = BiasedMF(int(cfg["n-users"]), int(cfg["n-items"]), int(cfg["dim"]),
                     global_mean=PUBLIC_GLOBAL_MEAN, init_std=0.1, seed=int(cfg["seed"]))
     return {name: getattr(init, name).detach().clone() for name in BiasedMF.shared_parameter_names}

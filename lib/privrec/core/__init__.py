@@ -1,0 +1,12 @@
+"""privrec.core -- the bottom layer: what every other subpackage stands on.
+
+Owns
+    :mod:`~privrec.core.checks` (every argument check: wrong kind -> ``TypeError``, bad value ->
+    ``ValueError``, both naming the parameter and the allowed range), :mod:`~privrec.core.arrays`
+    (NumPy/torch plumbing of the samplers: generators, dtype-preserving combination) and
+    :mod:`~privrec.core.results` (``FitResult``, the one result shape of every ``fit_*``).
+
+May import
+    nothing from privrec (numpy, torch and the standard library only). ``results`` names the
+    ledger's type for annotations only, under ``TYPE_CHECKING``.
+"""

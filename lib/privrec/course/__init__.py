@@ -1,0 +1,13 @@
+"""privrec.course -- the book around the library: chapter helpers, figures, exercises, experiments.
+
+Owns
+    :mod:`~privrec.course.book` (``show_source``, seeding, the code-keyed result cache),
+    :mod:`~privrec.course.explorer` and :mod:`~privrec.course.static_widget` (figures that respond
+    without a kernel), :mod:`~privrec.course.exercises`, :mod:`~privrec.course.exercises_federated`
+    and :mod:`~privrec.course.exercise_grading` (auto-checked exercises), and
+    :mod:`privrec.course.experiments` (the experiment harnesses the chapters call: grids over ε,
+    tuning searches on validation splits, cached runs, paired multi-seed comparisons).
+
+May import
+    every other subpackage; nothing imports it. This is the top layer.
+"""

@@ -1,0 +1,118 @@
+"""What clients upload in a federated round, and the protocol a model follows to be trained federatedly.
+
+A model trained by the federated engine (:mod:`privrec.federated.engine`) splits its parameters in two:
+
+* **shared** parameters, owned by the server and broadcast every round (item tables, towers);
+* **user** parameters, owned by the clients, which never leave them (user factors and biases).
+
+A cohort's upload is a :class:`ClientUpdates`: each client's change of the shared parameters,
+stored *row-sparse* for tables where a client touches only the rows it rated (``rows``) and dense
+for small parameters every client changes (``dense``). Strategies (:mod:`privrec.federated.strategies`) turn
+it into one change of the shared parameters; the DP wrapper clips each client's whole change
+(:meth:`ClientUpdates.norms` covers every part) and adds noise to every coordinate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["RowUpdates", "ClientUpdates", "FederatedModel"]
+
+
+@dataclass
+class RowUpdates:
+    """Changes of some rows of one shared table, for several clients.
+
+    ``client_pos[p]`` is the position (in :attr:`ClientUpdates.clients`) of the client that sent
+    pair ``p``, ``row[p]`` the table row, ``values[p]`` the change of that row and ``examples[p]``
+    how many of the client's examples touch that row (FedAvg's per-row weight).
+    """
+
+    client_pos: torch.Tensor
+    row: torch.Tensor
+    values: torch.Tensor
+    examples: torch.Tensor
+
+
+@dataclass
+class ClientUpdates:
+    """One round's uploads: for each client of the cohort, its change of every shared parameter."""
+
+    clients: torch.Tensor                  # [m] client ids, sorted
+    examples: torch.Tensor                 # [m] local example counts (float)
+    rows: dict[str, RowUpdates]            # row-sparse shared tables
+    dense: dict[str, torch.Tensor]         # [m, *shape] changes of dense shared parameters
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def norms(self) -> torch.Tensor:
+        """``[m]`` L2 norm of each client's whole change (all tables and dense parts)."""
+        squares = torch.zeros(len(self.clients), dtype=torch.float64)
+        for part in self.rows.values():
+            flat = part.values.reshape(len(part.row), -1).double()
+            squares.index_add_(0, part.client_pos, flat.square().sum(1))
+        for value in self.dense.values():
+            squares += value.reshape(len(self.clients), -1).double().square().sum(1)
+        return squares.sqrt().float()
+
+    def scaled(self, factor: torch.Tensor) -> ClientUpdates:
+        """Each client's change multiplied by ``factor[client position]`` (e.g. clip factors)."""
+        rows = {name: RowUpdates(p.client_pos, p.row,
+                                 p.values * factor[p.client_pos].reshape(-1, *[1] * (p.values.dim() - 1)),
+                                 p.examples) for name, p in self.rows.items()}
+        dense = {name: v * factor.reshape(-1, *[1] * (v.dim() - 1)) for name, v in self.dense.items()}
+        return ClientUpdates(self.clients, self.examples, rows, dense)
+
+    @staticmethod
+    def concat(parts: list[ClientUpdates]) -> ClientUpdates | None:
+        """One upload of the cohorts ``parts`` (disjoint clients, same keys); ``None`` if empty.
+
+        Row tables that shared one ``client_pos``/``row`` tensor in every part share it again.
+        """
+        if not parts:
+            return None
+        offsets = torch.tensor([0] + [len(p) for p in parts[:-1]]).cumsum(0)
+        first, rows, shared_index = parts[0], {}, {}
+        for name, head in first.rows.items():
+            key = id(head.row)
+            if key not in shared_index:
+                positions = [p.rows[name].client_pos + o for p, o in zip(parts, offsets, strict=True)]
+                shared_index[key] = (
+                    torch.cat(positions),
+                    torch.cat([p.rows[name].row for p in parts]),
+                    torch.cat([p.rows[name].examples for p in parts]))
+            pos, row, examples = shared_index[key]
+            rows[name] = RowUpdates(pos, row, torch.cat([p.rows[name].values for p in parts]),
+                                    examples)
+        dense = {name: torch.cat([p.dense[name] for p in parts]) for name in first.dense}
+        return ClientUpdates(torch.cat([p.clients for p in parts]),
+                             torch.cat([p.examples for p in parts]), rows, dense)
+
+    def summed(self, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """The sum over clients of every change, as dense tensors of the shared shapes."""
+        out = {}
+        for name, part in self.rows.items():
+            out[name] = torch.zeros(shapes[name]).index_add_(0, part.row, part.values)
+        for name, value in self.dense.items():
+            out[name] = value.sum(0).reshape(shapes[name])
+        return out
+
+
+class FederatedModel(Protocol):
+    """What the federated engine needs from a model (matrix factorisation, two-tower, ...)."""
+
+    n_clients: int
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The server's initial shared parameters: public constants or seeded noise only, never a
+        statistic of the training data (that would be an uncharged release)."""
+        ...
+
+    def local_training(self, shared: dict[str, torch.Tensor], clients: torch.Tensor) -> ClientUpdates:
+        """Train the given clients locally from ``shared``; user parameters stay inside the model
+        object (the clients' devices); return the cohort's changes of the shared parameters."""
+        ...
