@@ -5,6 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard chapters/*.ipynb))
+# nbval hands whole chapters to its workers in this order: the slowest first, so the two cores end
+# together (per-chapter cold times: the table CI prints). Both cores unless NBVAL_WORKERS says so.
+SLOW_FIRST := $(foreach n,03_private_training 05_user_level_privacy 08_transformer_recommender \
+	07_private_fine_tuning 06_large_model_recommenders 04_federated_recommendation \
+	01_embedding_recommenders 09_attacks_as_measurements,$(filter chapters/$(n).ipynb,$(NOTEBOOKS)))
+NBVAL_ORDER := $(SLOW_FIRST) $(filter-out $(SLOW_FIRST),$(NOTEBOOKS))
+NBVAL_WORKERS ?= 2
 # Offline and quiet: no telemetry, no hub downloads, one thread pool per process.
 export HF_HUB_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
@@ -58,32 +65,38 @@ lock:
 
 LINTED := lib tests benchmarks book/_ext conftest.py flower tools
 
-# Lint, unit tests and the library's doctests (pytest.ini's testpaths), then nbval.
+# Lint (ruff, then import-linter's layer contracts), unit tests and the library's doctests
+# (pytest.ini's testpaths) on both cores, then nbval.
 test: $(STAMP)
-	$(BIN)/ruff check $(LINTED)
-	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -n 2
 	$(MAKE) --no-print-directory nbval
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
-# nbval (strict) executes every chapter and compares each cell's output with the committed one;
-# the summary lists each notebook's execution time (conftest.py).
+# nbval (strict) executes every chapter and compares each cell's output with the committed one,
+# one chapter per worker (`--dist loadfile`: a chapter's cells stay in order in one kernel); the
+# summary lists each notebook's execution time (conftest.py). NOTEBOOKS=... checks a subset.
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		-p no:cacheprovider $(NOTEBOOKS)
+		-p no:cacheprovider $(if $(filter-out 0 1,$(NBVAL_WORKERS)),-n $(NBVAL_WORKERS) --dist loadfile) \
+		$(if $(filter command line,$(origin NOTEBOOKS)),$(NOTEBOOKS),$(NBVAL_ORDER))
 
+# ruff, then the import contracts between privrec's subpackages (.importlinter).
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/lint-imports --no-cache
 
-# An author's build executes what changed (jupyter-cache). CI runs it with PRIVREC_BOOK_EXECUTE=off
-# right after nbval has verified the committed outputs, so the pages show exactly those outputs and
-# each chapter executes once per CI run (book/_ext/privrec_pages.py reads the variable).
+# The reader's build: the pages show the committed outputs, which nbval verifies (`make test`), so
+# nothing is executed and it takes seconds. An author who changed a chapter re-executes it first
+# (`make execute NB=chapters/...`), or builds with `make book EXECUTE=1`, which executes what changed
+# (jupyter-cache). book/_ext/privrec_pages.py reads PRIVREC_BOOK_EXECUTE.
+EXECUTE ?= 0
 book: $(STAMP)
 	rm -rf _build/html
-	$(BIN)/jupyter-book build . -W -n --keep-going
+	PRIVREC_BOOK_EXECUTE=$(if $(filter 1,$(EXECUTE)),$${PRIVREC_BOOK_EXECUTE:-},off) \
+		$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
 # After `make book`: every page loads offline without errors; explorer, widgets and math work.

@@ -135,3 +135,48 @@ def test_size_checker_measures_decorators_and_docstrings(tmp_path):
 def test_library_module_within_the_size_bars(path):
     problems = size_violations(path)
     assert not problems, f"{path.relative_to(ROOT)}:\n  " + "\n  ".join(problems)
+
+
+# Issue 19: a chapter calls the library; it does not carry it. Hidden plot-only cells (tagged
+# `hide-input` or `remove-cell`, drawing with matplotlib) are exempt; the setup cell is generated.
+MAX_CELL_LINES, MAX_CHAPTER_LOGIC = 30, 120
+PLOT = re.compile(r"\bplt\.|\bax\w*\.|\bfig\w*\.|\.plot\(|static_widget_html|explorer_html")
+
+
+def _logic_lines(cell: dict) -> int:
+    """Lines of code in a cell, blank lines and comments left out."""
+    return sum(1 for line in _cell_source(cell).splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def _is_hidden_plot(cell: dict) -> bool:
+    tags = set(cell.get("metadata", {}).get("tags", []))
+    return bool(tags & {"hide-input", "remove-cell", "remove-input"}) and bool(
+        PLOT.search(_cell_source(cell)))
+
+
+def chapter_logic(cells: list[dict]) -> tuple[int, list[tuple[int, int]]]:
+    """(non-plot logic lines, [(cell index, lines)] of cells over the bar) of a chapter's cells."""
+    total, long_cells = 0, []
+    for index, cell in enumerate(cells):
+        if cell["cell_type"] != "code" or cell.get("id") == "privrec-setup" or _is_hidden_plot(cell):
+            continue
+        lines = _logic_lines(cell)
+        total += lines
+        if lines > MAX_CELL_LINES:
+            long_cells.append((index, lines))
+    return total, long_cells
+
+
+def test_chapter_logic_counter_can_fail():
+    code = {"cell_type": "code", "metadata": {}, "source": "\n".join(f"x{i} = {i}" for i in range(31))}
+    plot = {"cell_type": "code", "metadata": {"tags": ["hide-input"]},
+            "source": "fig, ax = plt.subplots()\n" * 40}
+    assert chapter_logic([code, plot]) == (31, [(0, 31)])
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_calls_the_library_instead_of_carrying_it(path):
+    total, long_cells = chapter_logic(json.loads(path.read_text())["cells"])
+    assert not long_cells, f"{path.name}: code cells over {MAX_CELL_LINES} lines: {long_cells}"
+    assert total < MAX_CHAPTER_LOGIC, f"{path.name}: {total} lines of non-plot logic"
