@@ -32,7 +32,7 @@ export MKL_CBWR := COMPATIBLE
 # - OpenBLAS (numpy's and scipy's matmul): the SSE4.2 (= numpy's X86_V2 baseline) kernels.
 export OPENBLAS_CORETYPE := Nehalem
 
-.PHONY: all setup lock test unit nbval book check-book execute lint bench bench-dpsgd bench-accountant bench-fedavg bench-scaling clean \
+.PHONY: all setup lock test unit nbval book book-zh check-book execute lint bench bench-dpsgd bench-accountant bench-fedavg bench-scaling clean \
 	flower-setup flower-test flower-demo
 
 all: test book
@@ -97,7 +97,17 @@ book: $(STAMP)
 	rm -rf _build/html
 	PRIVREC_BOOK_EXECUTE=$(if $(filter 1,$(EXECUTE)),$${PRIVREC_BOOK_EXECUTE:-},off) \
 		$(BIN)/jupyter-book build . -W -n --keep-going
-	@echo "The book is at $(CURDIR)/_build/html/index.html"
+	$(MAKE) --no-print-directory book-zh
+	@echo "The book is at $(CURDIR)/_build/html/index.html (中文版: _build/html/zh/index.html)"
+
+# The Chinese edition (issue 25): generated from the English notebooks -- code cells and outputs
+# copied unchanged, prose from book/zh/ -- and built into _build/html/zh without executing anything.
+# Fails when a translation is missing or stale (`python tools/zh_edition.py stale` lists them).
+ZH_SRC := _build/zh-src
+book-zh: $(STAMP)
+	$(BIN)/python tools/zh_edition.py build $(ZH_SRC)
+	cd $(ZH_SRC) && $(CURDIR)/$(BIN)/jupyter-book build . -W -n --keep-going --path-output $(CURDIR)/_build/zh >/dev/null
+	rm -rf _build/html/zh && cp -r _build/zh/_build/html _build/html/zh
 
 # After `make book`: every page loads offline without errors; explorer, widgets and math work.
 check-book: $(STAMP)
