@@ -10,7 +10,15 @@ import pytest
 import torch
 from scipy import stats
 
-from privrec.central.dpsgd import DPSGD, dpsgd_steps, fit_dpsgd, noisy_average
+from privrec.central import dpsgd as dpsgd_module
+from privrec.central.dpsgd import (
+    DPSGD,
+    blocked_adam_step,
+    dpsgd_steps,
+    fit_dpsgd,
+    noisy_average,
+    row_blocks,
+)
 from privrec.central.per_example import mf_clipped_gradient_sum
 from privrec.dp.accounting import compute_rdp, rdp_to_epsilon
 from privrec.dp.ledger import PrivacyLedger, default_delta
@@ -252,3 +260,58 @@ def test_fit_rejects_bad_parameters(data):
     with pytest.raises(TypeError, match="model"):
         DPSGD(torch.nn.Linear(2, 2), data.ratings, clip_norm=1.0, noise_multiplier=1.0,
               sample_rate=0.1)
+
+
+# -- the blocked passes (issue 24.4): same numbers, cache-sized working sets -------------------
+
+def test_row_blocks_cover_the_table_in_multiples_of_16():
+    for shape in [(1000, 32), (16, 3), (5,), (40_005,), (3, 1), (0, 4)]:
+        table = torch.zeros(shape)
+        blocks = row_blocks(table, block_elements=4096)
+        covered = torch.cat([torch.arange(len(table))[b] for b in blocks])
+        assert torch.equal(covered, torch.arange(len(table)))
+        sizes = [table[b].numel() for b in blocks]
+        assert all(s % 16 == 0 for s in sizes[:-1]) and (len(sizes) == 1 or sizes[-1] >= 16)
+    assert row_blocks(torch.zeros(())) == [...]
+
+
+@pytest.mark.parametrize("shape", [(5_003, 7), (70_001,), (300, 32)])
+def test_blocked_noise_is_the_whole_table_draw(shape):
+    summed = {"w": torch.randn(shape, generator=torch.Generator().manual_seed(0))}
+    blocked = noisy_average(summed, noise_multiplier=1.3, clip_norm=0.7, expected_batch_size=9.0,
+                            generator=torch.Generator().manual_seed(1))["w"]
+    draw = torch.randn(shape, generator=torch.Generator().manual_seed(1)).mul_(1.3 * 0.7)
+    assert torch.equal(blocked, (summed["w"] + draw) / 9.0)
+
+
+def test_blocked_adam_is_torch_adam():
+    def run(step):
+        torch.manual_seed(0)
+        table = torch.nn.Parameter(torch.randn(20_011, 32))
+        scalar = torch.nn.Parameter(torch.tensor(0.5))
+        opt = torch.optim.Adam([table, scalar], lr=0.03)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            table.grad = torch.randn(20_011, 32, generator=gen)
+            scalar.grad = torch.randn((), generator=gen)
+            step(opt)
+        return table.detach().clone(), scalar.detach().clone(), opt.state[table]["exp_avg_sq"]
+
+    assert len(row_blocks(torch.zeros(20_011, 32))) > 1
+    ours, theirs = run(blocked_adam_step), run(lambda opt: opt.step())
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic"])
+def test_chunked_clipped_sum_equals_one_pass(data, loss, monkeypatch):
+    index = torch.arange(len(data.ratings))
+    whole = DPSGD(_model(data), data.ratings, clip_norm=0.5, noise_multiplier=1.0,
+                  sample_rate=0.1, loss=loss, seed=3).clipped_sum(index)
+    monkeypatch.setattr(dpsgd_module, "BATCH_CHUNK", 64)
+    chunked = DPSGD(_model(data), data.ratings, clip_norm=0.5, noise_multiplier=1.0,
+                    sample_rate=0.1, loss=loss, seed=3).clipped_sum(index)
+    for name, value in whole.items():
+        if name == "global_bias":  # a sum of chunk sums: rounding only
+            assert torch.allclose(chunked[name], value, rtol=1e-5, atol=1e-5)
+        else:  # scattered in the same order
+            assert torch.equal(chunked[name], value), name

@@ -60,7 +60,7 @@ def test_model_rejects_bad_ids():
     m = BiasedMF(3, 4, 2)
     with pytest.raises(ValueError, match=r"users ids must lie in \[0, 3\)"):
         m(torch.tensor([3]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="items must hold integer ids"):
+    with pytest.raises(TypeError, match="items must hold integer ids"):
         m(torch.tensor([0]), torch.tensor([0.5]))
     with pytest.raises(ValueError, match="same length"):
         m(torch.tensor([0, 1]), torch.tensor([0]))

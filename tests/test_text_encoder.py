@@ -172,7 +172,7 @@ def test_principal_direction_signs_do_not_depend_on_the_input_sign():
     plus, _ = principal_directions(emb, 5)
     minus, _ = principal_directions(-emb, 5)
     assert torch.allclose(plus, minus, atol=1e-6)  # the sign rule, not LAPACK, decides
-    with pytest.raises(ValueError, match="dim must be <="):
+    with pytest.raises(ValueError, match="k must be <="):
         principal_directions(emb[:3], 5)
 
 

@@ -44,8 +44,17 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
+from torch.optim.adam import adam
 
-from ..core.checks import check_sample_rate, choice, epsilon_or_inf, int_in, non_negative, positive
+from ..core.checks import (
+    check_sample_rate,
+    choice,
+    epsilon_or_inf,
+    instance,
+    int_in,
+    non_negative,
+    positive,
+)
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyEvent, PrivacyLedger
 from ..dp.primitives import gaussian_noise, poisson_sample
@@ -55,11 +64,82 @@ from ..recsys.models import BiasedMF
 from ..recsys.train import ratings_to_tensors
 from .per_example import mf_clipped_gradient_sum, mf_implicit_clipped_gradient_sum, trainable_names
 
-__all__ = ["LOSS_UNITS", "noisy_average", "DPSGD", "dpsgd_steps", "fit_dpsgd"]
+__all__ = ["LOSS_UNITS", "BATCH_CHUNK", "BLOCK_ELEMENTS", "row_blocks", "noisy_average",
+           "blocked_adam_step", "DPSGD", "dpsgd_steps", "fit_dpsgd"]
 
 #: The privacy unit of one training record, by loss.
 LOSS_UNITS = {"squared": "rating", "logistic": "interaction"}
 STEP_NAME = "DP-SGD step"
+#: Examples per chunk of the per-example pass, and elements per block of the dense passes (noise,
+#: Adam): working sets that stay in the CPU cache, so that a step costs the same per record on
+#: large tables as on small ones. Below these sizes one chunk is the unchunked computation; above
+#: them the noise and Adam give the same numbers block by block (see :func:`row_blocks`) and only
+#: the rounding of the global-bias sum changes.
+BATCH_CHUNK = 1 << 14
+BLOCK_ELEMENTS = 1 << 18
+
+
+def row_blocks(table: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> list:
+    """Row slices covering ``table`` in blocks of about ``block_elements`` elements.
+
+    Every block but the last holds a multiple of 16 elements and the last at least 16: torch's
+    normal sampler fills blocks of 16 in order, so drawing block by block gives the very numbers
+    one draw of the whole table gives (tested). A small table is one block (a 0-d one: ``...``).
+    """
+    instance("table", table, torch.Tensor)
+    block_elements = int_in("block_elements", block_elements, 16)
+    if table.dim() == 0:
+        return [...]
+    row = max(1, math.prod(table.shape[1:]))
+    rows = max(16, block_elements // row // 16 * 16)
+    blocks = [slice(a, min(a + rows, len(table))) for a in range(0, max(len(table), 1), rows)]
+    if len(blocks) > 1 and (blocks[-1].stop - blocks[-1].start) * row < 16:
+        blocks[-2:] = [slice(blocks[-2].start, blocks[-1].stop)]
+    return blocks
+
+
+def _noisy_table(g: torch.Tensor, std: float, denom: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """:math:`(g + \\mathcal N(0, \\text{std}^2)) / \\text{denom}`, drawn block by block."""
+    blocks = row_blocks(g)
+    if std == 0 or len(blocks) == 1:
+        return (g + gaussian_noise(g.shape, std=std, generator=generator, dtype=g.dtype)) / denom
+    out = torch.empty_like(g)
+    for rows in blocks:
+        noise = gaussian_noise(g[rows].shape, std=std, generator=generator, dtype=g.dtype)
+        torch.add(g[rows], noise, out=out[rows]).div_(denom)
+    return out
+
+
+@torch.no_grad()
+def blocked_adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` of a plain :class:`torch.optim.Adam`, one :func:`row_blocks` block at
+    a time: torch's own functional ``adam`` on row views (the same arithmetic, so the same
+    numbers), with each block's parameters, gradient and moments in cache together. Any other
+    optimiser or Adam variant (AMSGrad, fused, ...) takes its own ``step()``."""
+    groups = instance("optimizer", optimizer, torch.optim.Optimizer).param_groups
+    plain = type(optimizer) is torch.optim.Adam and not any(
+        g["amsgrad"] or g["capturable"] or g["differentiable"] or g["fused"] or g["foreach"]
+        for g in groups)
+    params = [p for g in groups for p in g["params"] if p.grad is not None]
+    if not plain or all(len(row_blocks(p)) == 1 for p in params):
+        optimizer.step()
+        return
+    for group in groups:
+        for p in (p for p in group["params"] if p.grad is not None):
+            state = optimizer.state[p]
+            if not state:  # as torch.optim.Adam initialises it
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for rows in row_blocks(p):
+                adam(
+                    [p[rows]], [p.grad[rows]], [state["exp_avg"][rows]],
+                    [state["exp_avg_sq"][rows]], [], [state["step"].clone()], foreach=False,
+                    amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=group["maximize"])
+            state["step"] += 1
 
 
 @torch.no_grad()
@@ -75,8 +155,9 @@ def noisy_average(summed: dict[str, torch.Tensor], *, noise_multiplier: float, c
     """
     std = non_negative("noise_multiplier", noise_multiplier) * positive("clip_norm", clip_norm)
     denom = positive("expected_batch_size", expected_batch_size)
-    return {name: (g + gaussian_noise(g.shape, std=std, generator=generator, dtype=g.dtype)) / denom
-            for name, g in summed.items()}
+    instance("generator", generator, torch.Generator)
+    instance("summed", summed, dict)
+    return {name: _noisy_table(g, std, denom, generator) for name, g in summed.items()}
 
 
 class DPSGD:
@@ -148,6 +229,7 @@ class DPSGD:
         unit = LOSS_UNITS[self.loss]
         self.ledger = (PrivacyLedger(unit=unit, n_units=self.n_examples, delta=delta)
                        if ledger is None else ledger)
+        instance("ledger", self.ledger, PrivacyLedger)
         if self.ledger.unit != unit:
             raise ValueError(f"ledger unit must be {unit!r} for loss={self.loss!r}, "
                              f"got {self.ledger.unit!r}")
@@ -160,19 +242,24 @@ class DPSGD:
                               generator=self.generator)
 
     def clipped_sum(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:math:`\\sum_{j\\in\\text{index}}\\bar g_j`, dense per trainable table (zeros if empty)."""
-        users = self.users[index]
-        if self.loss == "squared":
-            summed, _ = mf_clipped_gradient_sum(
-                self.model, users, self.items[index], self.ratings[index], clip_norm=self.clip_norm,
-                reg=self.reg, bias_reg=self.bias_reg, trainable=self.trainable)
-            return summed
-        negatives = torch.randint(self.model.n_items, (len(index), self.n_negatives),
-                                  generator=self.generator)
-        items = torch.cat([self.items[index, None], negatives], 1)
-        summed, _ = mf_implicit_clipped_gradient_sum(self.model, users, items,
-                                                     clip_norm=self.clip_norm, reg=self.reg,
-                                                     trainable=self.trainable)
+        """:math:`\\sum_{j\\in\\text{index}}\\bar g_j`, dense per trainable table (zeros if empty),
+        summed :data:`BATCH_CHUNK` examples at a time."""
+        users, items = self.users[index], self.items[index]
+        if self.loss == "logistic":
+            negatives = torch.randint(self.model.n_items, (len(index), self.n_negatives),
+                                      generator=self.generator)
+            items = torch.cat([items[:, None], negatives], 1)
+        ratings, summed = self.ratings[index], None
+        for start in range(0, max(len(index), 1), BATCH_CHUNK):
+            part = slice(start, start + BATCH_CHUNK)
+            if self.loss == "squared":
+                summed, _ = mf_clipped_gradient_sum(
+                    self.model, users[part], items[part], ratings[part], clip_norm=self.clip_norm,
+                    reg=self.reg, bias_reg=self.bias_reg, trainable=self.trainable, out=summed)
+            else:
+                summed, _ = mf_implicit_clipped_gradient_sum(
+                    self.model, users[part], items[part], clip_norm=self.clip_norm, reg=self.reg,
+                    trainable=self.trainable, out=summed)
         return summed
 
     def add_noise(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,7 +278,7 @@ class DPSGD:
         grads = self.noisy_gradient(self.sample_batch() if index is None else index)
         for name, g in grads.items():
             getattr(self.model, name).grad = g
-        self.optimizer.step()
+        blocked_adam_step(self.optimizer)
         self.steps_taken += 1
         self.ledger.record_gaussian(STEP_NAME, noise_multiplier=self.noise_multiplier,
                                     sample_rate=self.sample_rate)
@@ -220,6 +307,20 @@ def _noise_multiplier(ledger: PrivacyLedger, *, target_epsilon: float | None,
     return ledger.calibrate(
         lambda z: [PrivacyEvent(STEP_NAME, "gaussian", z, sample_rate, steps, ledger.unit)],
         target_epsilon=target)
+
+
+def _check_fit(model: BiasedMF, train: pd.DataFrame, *, loss: str,
+               validation: pd.DataFrame | None, trainer: object) -> str:
+    """The arguments :func:`fit_dpsgd` checks before any calibration; returns the privacy unit."""
+    if not (isinstance(trainer, type) and issubclass(trainer, DPSGD)):
+        raise TypeError(f"trainer must be DPSGD or a subclass of it, got {trainer!r}")
+    instance("model", model, BiasedMF)
+    validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
+    unit = LOSS_UNITS[choice("loss", loss, tuple(LOSS_UNITS))]
+    if validation is not None:
+        choice("loss", loss, ("squared",))  # validation RMSE needs ratings
+        validate_ratings(validation, n_users=model.n_users, n_items=model.n_items, name="validation")
+    return unit
 
 
 def fit_dpsgd(model: BiasedMF, train: pd.DataFrame, *, target_epsilon: float | None = None,
@@ -255,11 +356,8 @@ def fit_dpsgd(model: BiasedMF, train: pd.DataFrame, *, target_epsilon: float | N
         ``model``, ``history`` (``val_rmse``), ``ledger`` (its ``epsilon()`` is the run's ε) and
         the training time.
     """
+    unit = _check_fit(model, train, loss=loss, validation=validation, trainer=trainer)
     steps = dpsgd_steps(epochs=epochs, sample_rate=sample_rate)
-    unit = LOSS_UNITS[choice("loss", loss, tuple(LOSS_UNITS))]
-    if validation is not None:
-        choice("loss", loss, ("squared",))  # validation RMSE needs ratings
-        validate_ratings(validation, n_users=model.n_users, n_items=model.n_items, name="validation")
     if ledger is None:
         ledger = PrivacyLedger(unit=unit, n_units=len(train), delta=delta)
     sigma = _noise_multiplier(ledger, target_epsilon=target_epsilon,

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.checks import epsilon_or_inf, real
+from ..core.checks import epsilon_or_inf, flag, real
 from ..dp.ledger import PrivacyLedger
 from ..dp.mechanisms import laplace_mechanism, randomized_response
 from ..recsys.data import validate_ratings
@@ -70,6 +70,7 @@ def laplace_perturb_ratings(ratings: pd.DataFrame, *, epsilon: float, low: float
     low, high = real("low", low), real("high", high)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"need finite low < high, got low={low!r}, high={high!r}")
+    clamp = flag("clamp", clamp)
     if ledger is not None:
         _record_laplace_release(ledger, epsilon)
     out = ratings.copy()

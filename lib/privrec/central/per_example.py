@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..dp.primitives import clip_factors
+from ..core.checks import function, instance, positive
+from ..dp.primitives import clip_factors, row_norms
 from ..recsys.models import BiasedMF
 
 __all__ = [
@@ -53,6 +54,9 @@ def trainable_names(trainable: Sequence[str] | None) -> tuple[str, ...]:
 
     Raises ``ValueError`` for an empty selection or an unknown name.
     """
+    if trainable is not None and (isinstance(trainable, str) or not isinstance(trainable, Sequence)):
+        raise TypeError(f"trainable must be None or a sequence of names from "
+                        f"{MF_PARAMETER_NAMES}, got {type(trainable).__name__}")
     names = MF_PARAMETER_NAMES if trainable is None else tuple(trainable)
     unknown = [n for n in names if n not in MF_PARAMETER_NAMES]
     if unknown or not names:
@@ -62,10 +66,9 @@ def trainable_names(trainable: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each example's whole gradient: ``[B]`` from ``{name: [B, ...]}`` (B may be 0)."""
-    squares = [g.reshape(g.shape[0], g[0].numel() if len(g) else 1).square().sum(1)
-               for g in per_example.values()]
-    return torch.stack(squares).sum(0).sqrt()
+    """L2 norm of each example's whole gradient: ``[B]`` from ``{name: [B, ...]}`` (B may be 0);
+    :func:`privrec.dp.primitives.row_norms` of the parts."""
+    return row_norms(instance("per_example", per_example, dict))
 
 
 def _broadcast(factor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -74,14 +77,16 @@ def _broadcast(factor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter(model: BiasedMF, name: str, rows: torch.Tensor, index: torch.Tensor | None,
-             factor: torch.Tensor) -> torch.Tensor:
+             factor: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Clipped rows summed into a dense tensor shaped like parameter ``name`` (``index`` None:
-    the scalar global bias)."""
+    the scalar global bias), added to ``out[name]`` in place when ``out`` is given."""
     param = getattr(model, name)
     scaled = rows * _broadcast(factor, rows)
     if index is None:
-        return scaled.sum().reshape(param.shape)
-    return torch.zeros_like(param).index_add_(0, index, scaled.reshape(-1, *param.shape[1:]))
+        total = scaled.sum().reshape(param.shape)
+        return total if out is None else out[name].add_(total)
+    target = torch.zeros_like(param) if out is None else out[name]
+    return target.index_add_(0, index, scaled.reshape(-1, *param.shape[1:]))
 
 
 @torch.no_grad()
@@ -111,19 +116,24 @@ def mf_per_example_gradients(model: BiasedMF, users: torch.Tensor, items: torch.
 def mf_clipped_gradient_sum(model: BiasedMF, users: torch.Tensor, items: torch.Tensor,
                             ratings: torch.Tensor, *, clip_norm: float, reg: float = 0.0,
                             bias_reg: float = 0.0, trainable: Sequence[str] | None = None,
+                            out: dict[str, torch.Tensor] | None = None,
                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:math:`\\sum_j \\bar g_j` as dense tensors shaped like the parameters, and the norms ``[B]``.
 
     :math:`\\bar g_j = g_j\\min(1, C/\\lVert g_j\\rVert)` (Abadi et al. 2016, Algorithm 1). Cost
-    :math:`O(Bd)` plus the dense tables (which the noise needs anyway).
+    :math:`O(Bd)` plus the dense tables (which the noise needs anyway). ``out``: the sums of
+    earlier chunks of the batch, added to in place (a batch summed chunk by chunk).
     """
+    instance("model", model, BiasedMF)
+    clip_norm = positive("clip_norm", clip_norm)
     rows = mf_per_example_gradients(model, users, items, ratings, reg=reg, bias_reg=bias_reg,
                                     trainable=trainable)
     norms = per_example_norms(rows)
     factor = clip_factors(norms, clip_norm=clip_norm)
     index = {"user_factors": users, "item_factors": items, "user_bias": users, "item_bias": items,
              "global_bias": None}
-    return {name: _scatter(model, name, g, index[name], factor) for name, g in rows.items()}, norms
+    return {name: _scatter(model, name, g, index[name], factor, out)
+            for name, g in rows.items()}, norms
 
 
 def _implicit_rows(model: BiasedMF, users: torch.Tensor, items: torch.Tensor, reg: float,
@@ -174,6 +184,7 @@ def _exact_square_norms(items: torch.Tensor, user_rows: dict, item_rows: dict) -
 def mf_implicit_clipped_gradient_sum(model: BiasedMF, users: torch.Tensor, items: torch.Tensor, *,
                                      clip_norm: float, reg: float = 0.0,
                                      trainable: Sequence[str] | None = None,
+                                     out: dict[str, torch.Tensor] | None = None,
                                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Clipped gradient sum for implicit feedback: ``items[:, 0]`` positive, ``items[:, 1:]`` negatives.
 
@@ -181,17 +192,19 @@ def mf_implicit_clipped_gradient_sum(model: BiasedMF, users: torch.Tensor, items
     + \\lVert q_{x_j}\\rVert^2)` with :math:`y_0=1`, :math:`y_{j>0}=0` (as
     :func:`privrec.recsys.train.fit_implicit`). One example touches ``1 + n_negatives`` item rows; a
     repeated negative is handled exactly (see ``_exact_square_norms``). Returns dense
-    ``{name: sum}`` and the norms ``[B]``.
+    ``{name: sum}`` (added to ``out`` in place when given) and the norms ``[B]``.
     """
+    instance("model", model, BiasedMF)
+    clip_norm = positive("clip_norm", clip_norm)
     names = trainable_names(trainable)
     if items.dim() != 2 or items.shape[0] != users.shape[0]:
         raise ValueError("items must be [B, 1 + n_negatives] with B = len(users)")
     user_rows, item_rows = _implicit_rows(model, users, items, reg, names)
     norms = _exact_square_norms(items, user_rows, item_rows).sqrt()
     factor = clip_factors(norms, clip_norm=clip_norm)
-    summed = {name: _scatter(model, name, g, None if name == "global_bias" else users, factor)
+    summed = {name: _scatter(model, name, g, None if name == "global_bias" else users, factor, out)
               for name, g in user_rows.items()}
-    summed |= {name: _scatter(model, name, g, items.reshape(-1), factor)
+    summed |= {name: _scatter(model, name, g, items.reshape(-1), factor, out)
                for name, g in item_rows.items()}
     return {n: summed[n] for n in names}, norms
 
@@ -258,6 +271,8 @@ def per_example_gradients(model: nn.Module, loss_fn: Callable[..., torch.Tensor]
     ValueError
         For an empty ``batch``, tensors of different lengths, or unknown parameter names.
     """
+    instance("model", model, nn.Module)
+    function("loss_fn", loss_fn)
     if not batch:
         raise ValueError("batch must contain at least one tensor")
     sizes = {t.shape[0] for t in batch}

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..core.checks import choice, epsilon_or_inf, in_range, int_in, non_negative, positive, real
+from ..core.checks import (
+    choice,
+    epsilon_or_inf,
+    flag,
+    in_range,
+    instance,
+    int_in,
+    non_negative,
+    positive,
+    real,
+)
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyEvent, PrivacyLedger
@@ -74,6 +84,9 @@ def noisy_row_sums(index: torch.Tensor, values: torch.Tensor, size: int, std: fl
     :math:`\\mathcal N(0, \\text{std}^2)` on *every* row of ``size``, rated or not: one Gaussian
     release (std = noise multiplier x L2 sensitivity). Counts are clamped at 0 afterwards
     (post-processing)."""
+    instance("index", index, torch.Tensor)
+    instance("values", values, torch.Tensor)
+    size = int_in("size", size, 1)
     sums = torch.zeros(size, dtype=torch.double).index_add_(0, index, values)
     counts = torch.bincount(index, minlength=size).double()
     sums += gaussian_noise((size,), std=std, generator=generator, dtype=torch.double)
@@ -128,7 +141,7 @@ def private_biases(train: pd.DataFrame, *, n_users: int, n_items: int, noise_mul
     users, items, ratings = ratings_to_tensors(train)
     ratings = ratings.double()
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
-    boost = 1.0 if noise_aware else 0.0
+    boost = 1.0 if flag("noise_aware", noise_aware) else 0.0
     s_i, n_i = noisy_row_sums(items, (ratings - center).clamp(-bounds[0], bounds[0]), n_items,
                            stds[0], gen)
     offset = float(s_i.sum() / n_i.sum().clamp(min=1.0))

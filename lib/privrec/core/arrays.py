@@ -1,5 +1,7 @@
 """Plumbing shared by the sampling mechanisms: data in, the same kind of data out.
 
+(The noise samplers themselves live in :mod:`privrec.dp.primitives`, one per distribution.)
+
 Every mechanism accepts a Python number, a NumPy array or a torch tensor and returns the same kind.
 Randomness comes from an explicit ``generator`` (a :class:`numpy.random.Generator` or a
 :class:`torch.Generator`) or a ``seed``; with neither, fresh operating-system entropy is used.
@@ -12,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import real_array
 from .checks import seed as check_seed
 
-__all__ = ["Generator", "rng_for", "as_data", "uniform", "standard_normal", "standard_laplace",
-           "combine"]
+__all__ = ["Generator", "rng_for", "as_data", "uniform", "combine"]
 
 Generator = np.random.Generator | torch.Generator
 
@@ -52,7 +54,7 @@ def as_data(value: object, name: str = "value") -> np.ndarray | torch.Tensor:
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
         return tensor
-    array = np.asarray(value, dtype=np.float64)
+    array = real_array(name, value)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return array
@@ -63,22 +65,6 @@ def uniform(gen: Generator, shape: tuple[int, ...]) -> np.ndarray | torch.Tensor
     if isinstance(gen, torch.Generator):
         return torch.rand(shape, generator=gen, dtype=torch.float64)
     return gen.random(shape)
-
-
-def standard_normal(gen: Generator, shape: tuple[int, ...]) -> np.ndarray | torch.Tensor:
-    """Standard normal draws of ``shape`` (float64)."""
-    if isinstance(gen, torch.Generator):
-        return torch.randn(shape, generator=gen, dtype=torch.float64)
-    return gen.standard_normal(shape)
-
-
-def standard_laplace(gen: Generator, shape: tuple[int, ...]) -> np.ndarray | torch.Tensor:
-    """Standard Laplace draws of ``shape`` (float64)."""
-    if isinstance(gen, torch.Generator):
-        # Difference of two unit exponentials is standard Laplace.
-        e = torch.empty((2, *shape), dtype=torch.float64).exponential_(1.0, generator=gen)
-        return e[0] - e[1]
-    return gen.laplace(0.0, 1.0, shape)
 
 
 def combine(value: object, data: np.ndarray | torch.Tensor,

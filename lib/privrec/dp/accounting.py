@@ -36,8 +36,10 @@ from ..core.checks import (
     check_orders,
     check_sample_rate,
     check_steps,
+    function,
     non_negative,
     real,
+    real_array,
 )
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "compute_rdp",
     "find_noise_multiplier",
     "laplace_rdp",
+    "pure_dp_rdp",
     "get_epsilon",
     "get_noise_multiplier",
     "rdp_to_epsilon",
@@ -81,11 +84,15 @@ def sequential_composition(epsilons: Sequence[float],
 
     Returns ``(total_epsilon, total_delta)``; ``deltas=None`` means pure DP (all zero).
     """
+    if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, Iterable):
+        raise TypeError(f"epsilons must be a sequence of numbers, got {type(epsilons).__name__}")
     eps = [check_epsilon(e, name=f"epsilons[{i}]") for i, e in enumerate(epsilons)]
     if not eps:
         raise ValueError("epsilons must contain at least one mechanism's epsilon")
     if deltas is None:
         return float(sum(eps)), 0.0
+    if isinstance(deltas, (str, bytes)) or not isinstance(deltas, Iterable):
+        raise TypeError(f"deltas must be a sequence of numbers, got {type(deltas).__name__}")
     dls = list(deltas)
     if len(dls) != len(eps):
         raise ValueError(f"deltas must have one entry per epsilon ({len(eps)}), got {len(dls)}")
@@ -278,7 +285,7 @@ def rdp_to_epsilon(*, orders: Iterable[float] | float, rdp: Iterable[float] | fl
     """
     delta = check_delta(delta)
     alphas = check_orders(DEFAULT_ORDERS if orders is None else orders)
-    rdp_vec = np.atleast_1d(np.asarray(rdp, dtype=np.float64))
+    rdp_vec = np.atleast_1d(real_array("rdp", rdp))
     if rdp_vec.shape != alphas.shape:
         raise ValueError(f"rdp must have one value per order ({alphas.size}), got {rdp_vec.size}")
     if np.any(np.isnan(rdp_vec)) or np.any(rdp_vec < 0):
@@ -328,6 +335,22 @@ def laplace_rdp(*, noise_multiplier: float, orders: Iterable[float] | float | No
     return special.logsumexp(log_terms, axis=0) / (alphas - 1)
 
 
+def pure_dp_rdp(*, epsilon: float, orders: Iterable[float] | float | None = None) -> np.ndarray:
+    """RDP curve of any pure :math:`\\varepsilon`-DP mechanism (exponential mechanism,
+    report-noisy-max): :math:`\\varepsilon_\\alpha = \\min(\\varepsilon, \\alpha\\varepsilon^2/2)`.
+
+    :math:`\\varepsilon`-DP implies :math:`(\\alpha, \\varepsilon)`-RDP at every order and
+    :math:`\\tfrac12\\varepsilon^2`-zCDP (Bun & Steinke 2016, Proposition 1.4), i.e.
+    :math:`(\\alpha, \\alpha\\varepsilon^2/2)`-RDP; both hold, so their minimum does.
+
+    >>> pure_dp_rdp(epsilon=1.0, orders=[1.5, 2.0, 4.0]).tolist()
+    [0.75, 1.0, 1.0]
+    """
+    eps = check_epsilon(epsilon)
+    alphas = check_orders(DEFAULT_ORDERS if orders is None else orders)
+    return np.minimum(eps, alphas * eps * eps / 2.0)
+
+
 def find_noise_multiplier(epsilon_at: Callable[[float], float], *, target_epsilon: float,
                           epsilon_tolerance: float = 0.01) -> float:
     """Smallest noise multiplier ``z`` (up to tolerance) with ``epsilon_at(z) <= target_epsilon``.
@@ -341,6 +364,7 @@ def find_noise_multiplier(epsilon_at: Callable[[float], float], *, target_epsilo
     ValueError
         If even ``z = 1e6`` does not reach the target.
     """
+    function("epsilon_at", epsilon_at)
     target_epsilon = check_epsilon(target_epsilon, name="target_epsilon")
     tol = check_epsilon(epsilon_tolerance, name="epsilon_tolerance")
     low, high = 0.0, 1.0

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checks import check_epsilon, int_in
+from ..core.checks import check_epsilon, instance, int_in, positive
 from ..core.checks import seed as check_seed
 
 __all__ = ["discrete_laplace", "discrete_laplace_mechanism"]
@@ -58,9 +58,11 @@ def discrete_laplace(*, scale: Fraction | float, size: int, rand: random.Random)
     touches the distribution). ``scale`` is converted to an exact :class:`fractions.Fraction` t/s.
     Pure Python: thousands of samples per second, fine for a statistic, too slow for a model.
     """
-    frac = Fraction(scale)
+    frac = scale if isinstance(scale, Fraction) else Fraction(positive("scale", scale))
     if frac <= 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
+    size = int_in("size", size, 0)
+    instance("rand", rand, random.Random)
     t, s = frac.numerator, frac.denominator  # scale = t / s
     out = np.empty(size, dtype=np.int64)
     for n in range(size):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checks import positive
+from ..core.checks import int_in, positive, real_array
 
 __all__ = ["histogram_log_ratios", "privacy_loss_lower_bound"]
 
@@ -30,8 +30,12 @@ def histogram_log_ratios(samples_a: Any, samples_b: Any, *, bins: Any,
     and empty for the other is kept, because that is exactly what a broken mechanism produces.
     Returns ``(bin_centers, log_ratio, stderr)``.
     """
-    a = np.asarray(samples_a, dtype=np.float64).ravel()
-    b = np.asarray(samples_b, dtype=np.float64).ravel()
+    a = real_array("samples_a", samples_a).ravel()
+    b = real_array("samples_b", samples_b).ravel()
+    min_count = int_in("min_count", min_count, 0)
+    if isinstance(bins, str) or not isinstance(bins, (int, np.integer, list, tuple, np.ndarray)):
+        raise TypeError(f"bins must be a number of bins or a sequence of edges, got "
+                        f"{type(bins).__name__}")
     if a.size == 0 or b.size == 0:
         raise ValueError("samples_a and samples_b must be non-empty")
     counts_a, edges = np.histogram(a, bins=bins)
@@ -55,7 +59,8 @@ def privacy_loss_lower_bound(samples_a: Any, samples_b: Any, *, bins: Any, z: fl
     :math:`\Phi(-z)` (3e-5 for ``z = 4``). A value below :math:`\varepsilon` proves nothing about
     other outputs or other neighbours: audits can refute privacy claims, not establish them.
     """
+    z = positive("z", z)
     _, log_ratio, stderr = histogram_log_ratios(samples_a, samples_b, bins=bins, min_count=min_count)
     if log_ratio.size == 0:
         return 0.0
-    return float(np.max(np.abs(log_ratio) - positive("z", z) * stderr))
+    return float(np.max(np.abs(log_ratio) - z * stderr))

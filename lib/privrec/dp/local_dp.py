@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..core.arrays import Generator, rng_for, uniform
-from ..core.checks import check_epsilon, int_in
+from ..core.checks import check_epsilon, int_in, real_array
 
 __all__ = ["randomized_response_keep_probability", "randomized_response", "rr_debias_mean",
            "k_rr_keep_probability", "k_randomized_response", "k_rr_frequencies"]
@@ -79,6 +79,9 @@ def rr_debias_mean(reported_mean: Any, *, epsilon: float) -> Any:
     :math:`\\hat x = (\\bar r - (1-p))/(2p-1)`. (It can leave [0, 1]; clip only for display.)
     """
     p = randomized_response_keep_probability(epsilon=epsilon)
+    if not isinstance(reported_mean, torch.Tensor):
+        mean = real_array("reported_mean", reported_mean)
+        reported_mean = mean if mean.ndim else float(mean)
     return (reported_mean - (1.0 - p)) / (2.0 * p - 1.0)
 
 
@@ -105,7 +108,9 @@ def k_randomized_response(values: Any, *, k: int, epsilon: float,
     k = int(k)
     is_tensor = isinstance(values, torch.Tensor)
     array = values.detach().cpu().numpy() if is_tensor else np.asarray(values)
-    if array.dtype.kind not in "iu" or (array.size and (array.min() < 0 or array.max() >= k)):
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"values must be integer categories in [0, {k}), got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() >= k):
         raise ValueError(f"values must be integer categories in [0, {k}), got dtype {array.dtype}")
     gen = rng_for(values, generator, seed)
     shape = tuple(array.shape)
@@ -131,6 +136,8 @@ def k_rr_frequencies(reports: Any, *, k: int, epsilon: float) -> np.ndarray:
     k = int(k)
     q = (1.0 - p) / (k - 1)
     array = np.asarray(reports.cpu() if isinstance(reports, torch.Tensor) else reports)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"reports must be integer categories, got dtype {array.dtype}")
     if array.size == 0:
         raise ValueError("reports must not be empty")
     share = np.bincount(array.ravel().astype(np.int64), minlength=k)[:k] / array.size

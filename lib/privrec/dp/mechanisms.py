@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from scipy import special
 
-from ..core.arrays import Generator, as_data, combine, rng_for, standard_laplace, standard_normal
-from ..core.checks import check_delta, check_epsilon, int_in, positive
+from ..core.arrays import Generator, as_data, combine, rng_for
+from ..core.checks import check_delta, check_epsilon, choice, int_in, positive, real, real_array
 from .discrete import discrete_laplace, discrete_laplace_mechanism
 from .empirical import histogram_log_ratios, privacy_loss_lower_bound
 from .local_dp import (
@@ -52,7 +52,7 @@ from .local_dp import (
     randomized_response_keep_probability,
     rr_debias_mean,
 )
-from .primitives import clip_factors
+from .primitives import clip_rows, gaussian_noise, laplace_noise
 
 __all__ = [
     "add_gaussian_noise",
@@ -115,7 +115,7 @@ def laplace_mechanism(value: Any, *, sensitivity: float, epsilon: float,
     scale = laplace_scale(sensitivity=sensitivity, epsilon=epsilon)
     data = as_data(value)
     gen = rng_for(value, generator, seed)
-    return combine(value, data, scale * standard_laplace(gen, tuple(data.shape)))
+    return combine(value, data, laplace_noise(tuple(data.shape), scale=scale, generator=gen))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,14 +199,15 @@ def add_gaussian_noise(value: Any, *, std: float, generator: Generator | None = 
                        seed: int | None = None) -> Any:
     """``value`` plus independent :math:`\\mathcal N(0, \\text{std}^2)` noise on every coordinate.
 
-    The raw sampler for a one-off release, with no privacy calibration (the caller picks ``std``
-    and records the release on a :class:`privrec.dp.ledger.PrivacyLedger`). The private trainers do
-    not call it: they draw through :func:`privrec.dp.primitives.gaussian_noise`.
+    A one-off release with no privacy calibration (the caller picks ``std`` and records the
+    release on a :class:`privrec.dp.ledger.PrivacyLedger`); the draw is
+    :func:`privrec.dp.primitives.gaussian_noise`, the sampler the private trainers use too.
     """
     std = positive("std", std)
     data = as_data(value)
     gen = rng_for(value, generator, seed)
-    return combine(value, data, std * standard_normal(gen, tuple(data.shape)))
+    return combine(value, data, gaussian_noise(tuple(data.shape), std=std, generator=gen,
+                                               dtype=torch.float64))
 
 
 def gaussian_mechanism(value: Any, *, sensitivity: float, epsilon: float, delta: float,
@@ -220,6 +221,7 @@ def gaussian_mechanism(value: Any, *, sensitivity: float, epsilon: float, delta:
     ``"classic"`` uses :func:`classic_gaussian_sigma` (requires :math:`\\varepsilon < 1`).
     The same floating-point caveat as :func:`laplace_mechanism` applies.
     """
+    choice("calibration", calibration, ("analytic", "classic"))
     if calibration == "analytic":
         sigma = analytic_gaussian_sigma(sensitivity=sensitivity, epsilon=epsilon, delta=delta)
     elif calibration == "classic":
@@ -234,16 +236,8 @@ def gaussian_mechanism(value: Any, *, sensitivity: float, epsilon: float, delta:
 # ----------------------------------------------------------------------------------------------
 
 def _clip_rows(x: Any, clip_norm: float, order: int) -> Any:
-    """Rows of ``x`` scaled by :func:`privrec.dp.primitives.clip_factors` of their L-``order`` norms."""
-    clip_norm = positive("clip_norm", clip_norm)
-    is_tensor = isinstance(x, torch.Tensor)
-    data = x if is_tensor else torch.from_numpy(np.asarray(x, dtype=np.float64))
-    if data.dim() < 1:
-        raise ValueError("x must have at least one dimension (rows)")
-    flat = data.reshape(data.shape[0], -1)
-    factor = clip_factors(torch.linalg.vector_norm(flat, ord=order, dim=1), clip_norm=clip_norm)
-    out = (flat * factor.unsqueeze(1)).reshape(data.shape)
-    return out if is_tensor else out.numpy()
+    """:func:`privrec.dp.primitives.clip_rows` without the norms."""
+    return clip_rows(x, clip_norm=clip_norm, order=order)[0]
 
 
 def clip_rows_l2(x: Any, *, clip_norm: float) -> Any:
@@ -271,9 +265,14 @@ _RELATIONS = ("add_remove", "replace")
 
 
 def _check_relation(relation: str) -> str:
-    if relation not in _RELATIONS:
-        raise ValueError(f"relation must be one of {_RELATIONS}, got {relation!r}")
-    return relation
+    return choice("relation", relation, _RELATIONS)
+
+
+def _check_bounds(lower: object, upper: object) -> tuple[float, float]:
+    lower_f, upper_f = real("lower", lower), real("upper", upper)
+    if not (math.isfinite(lower_f) and math.isfinite(upper_f)) or lower_f >= upper_f:
+        raise ValueError(f"need finite lower < upper, got lower={lower!r}, upper={upper!r}")
+    return lower_f, upper_f
 
 
 def clipped_sum_sensitivity(*, clip_norm: float, relation: str = "add_remove") -> float:
@@ -304,12 +303,10 @@ def count_sensitivity(*, max_contributions: int = 1, relation: str = "add_remove
 
 def clamp(x: Any, *, lower: float, upper: float) -> Any:
     """Clamp values into ``[lower, upper]`` -- the step that gives a sum or mean a finite sensitivity."""
-    lower_f, upper_f = float(lower), float(upper)
-    if not (math.isfinite(lower_f) and math.isfinite(upper_f)) or lower_f >= upper_f:
-        raise ValueError(f"need finite lower < upper, got lower={lower!r}, upper={upper!r}")
+    lower_f, upper_f = _check_bounds(lower, upper)
     if isinstance(x, torch.Tensor):
         return torch.clamp(x, lower_f, upper_f)
-    out = np.clip(np.asarray(x, dtype=np.float64), lower_f, upper_f)
+    out = np.clip(real_array("x", x), lower_f, upper_f)
     return out if out.ndim else float(out)
 
 
@@ -320,9 +317,7 @@ def sum_sensitivity(*, lower: float, upper: float, relation: str = "add_remove")
     :math:`\\text{upper} - \\text{lower}`. Centering (clamping :math:`x - c` with
     :math:`c` the midpoint) makes the add/remove sensitivity :math:`(\\text{upper}-\\text{lower})/2`.
     """
-    lower_f, upper_f = float(lower), float(upper)
-    if not (math.isfinite(lower_f) and math.isfinite(upper_f)) or lower_f >= upper_f:
-        raise ValueError(f"need finite lower < upper, got lower={lower!r}, upper={upper!r}")
+    lower_f, upper_f = _check_bounds(lower, upper)
     if _check_relation(relation) == "add_remove":
         return max(abs(lower_f), abs(upper_f))
     return upper_f - lower_f

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.checks import int_in
+from ..core.checks import flag, int_in, path_like, text
 
 __all__ = [
     "MovieLens",
@@ -116,6 +116,9 @@ def load_movielens100k(source: str | os.PathLike | None = None, *, download: boo
     cache_dir:
         Where a downloaded archive lives; defaults to ``$PRIVREC_CACHE`` or ``~/.cache/privrec``.
     """
+    download = None if download is None else flag("download", download)
+    cache_dir = None if cache_dir is None else path_like("cache_dir", cache_dir)
+    source = None if source is None else path_like("source", source)
     if source is None and os.environ.get(ENV_VAR):
         source = os.environ[ENV_VAR]
     if source is not None:
@@ -235,13 +238,14 @@ def validate_ratings(ratings: object, *, n_users: int | None = None, n_items: in
     Raises ``TypeError`` for a non-DataFrame and ``ValueError`` naming ``name`` for missing
     columns, non-integer or out-of-range ids, and non-finite ratings.
     """
+    text("name", name)
     if not isinstance(ratings, pd.DataFrame):
         raise TypeError(f"{name} must be a pandas DataFrame, got {type(ratings).__name__}")
     missing = [c for c in ("user", "item", "rating") if c not in ratings.columns]
     if missing:
         raise ValueError(f"{name} is missing column(s) {missing}; expected user, item, rating")
     for col, bound in (("user", n_users), ("item", n_items)):
-        values = ratings[col]
+        bound, values = None if bound is None else int_in(f"n_{col}s", bound, 0), ratings[col]
         if not pd.api.types.is_integer_dtype(values):
             raise ValueError(f"{name}[{col!r}] must hold integer ids, got dtype {values.dtype}")
         if len(values) and values.min() < 0:
@@ -381,9 +385,8 @@ def synthetic_movielens(n_users: int = 60, n_items: int = 80, n_ratings: int = 1
     Popularity follows a Zipf-like law, as in real catalogues; every user and every item gets at
     least one rating so that ids are contiguous.
     """
-    for name, value, low in (("n_users", n_users, 2), ("n_items", n_items, 2), ("dim", dim, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    n_users, n_items, dim = (int_in(name, value, low) for name, value, low in (
+        ("n_users", n_users, 2), ("n_items", n_items, 2), ("dim", dim, 1)))
     if not isinstance(n_ratings, (int, np.integer)) or not (
             max(n_users, n_items) <= n_ratings <= n_users * n_items):
         raise ValueError(f"n_ratings must be an int in [max(n_users, n_items), n_users * n_items] "

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.checks import int_in
+from ..core.checks import instance, int_in, real, real_array
 from .data import validate_ratings
 
 __all__ = ["rmse", "mae", "evaluate_ratings", "ranking_metrics", "evaluate_ranking",
@@ -35,6 +35,7 @@ def canonical_order(ratings: pd.DataFrame) -> pd.DataFrame:
     Floating-point sums depend on the order of their terms; sorting first makes every result
     independent of the order of the input rows (rows equal in all three keys are interchangeable).
     """
+    instance("ratings", ratings, pd.DataFrame)
     keys = [ratings[c].to_numpy() for c in ("rating", "item", "user") if c in ratings.columns]
     return ratings.iloc[np.lexsort(keys)] if keys else ratings
 
@@ -54,7 +55,8 @@ def top_k(scores: object, k: int) -> np.ndarray:
 
 
 def _as_float_vector(values: object, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(
+        real_array(name, values))
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     tensor = tensor.double()
@@ -90,6 +92,11 @@ def mae(predictions: object, targets: object) -> float:
 def evaluate_ratings(model: torch.nn.Module, ratings: pd.DataFrame, *,
                      clamp: tuple[float, float] | None = (1.0, 5.0)) -> dict[str, float]:
     """RMSE and MAE of ``model(users, items)`` on a ratings table, predictions clamped to the scale."""
+    instance("model", model, torch.nn.Module)
+    if clamp is not None:
+        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+            raise TypeError(f"clamp must be None or a (low, high) pair, got {clamp!r}")
+        clamp = (real("clamp[0]", clamp[0]), real("clamp[1]", clamp[1]))
     validate_ratings(ratings, n_users=model.n_users, n_items=model.n_items)
     ratings = canonical_order(ratings)
     pred = model(torch.as_tensor(ratings["user"].to_numpy()), torch.as_tensor(ratings["item"].to_numpy()))
@@ -176,6 +183,7 @@ def _hr_ndcg(rank: torch.Tensor, t_users: torch.Tensor, *, n_users: int, k: int)
 def evaluate_ranking(model: torch.nn.Module, train: pd.DataFrame, test: pd.DataFrame, *,
                      k: int = 10) -> dict[str, float]:
     """:func:`ranking_metrics` on ``model.score_all()``."""
+    instance("model", model, torch.nn.Module)
     with torch.no_grad():
         scores = model.score_all()
     return ranking_metrics(scores, train, test, k=k)
@@ -191,6 +199,7 @@ def heldout_ndcg(model: torch.nn.Module, test: pd.DataFrame, *, k: int = 10) -> 
     it does not ask the model to find those movies in the whole catalogue, so it suits models trained
     on stars. Users with a single test rating are skipped (any order is ideal).
     """
+    instance("model", model, torch.nn.Module)
     validate_ratings(test, n_users=model.n_users, n_items=model.n_items, name="test")
     k = int_in("k", k, 1)
     test = canonical_order(test)

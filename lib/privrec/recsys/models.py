@@ -18,18 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.checks import int_in
+from ..core.checks import id_array, int_in, real, text
 
 __all__ = ["BiasedMF", "as_index_tensor", "checked_pairs"]
 
 
 def as_index_tensor(values: object, *, name: str, upper: int) -> torch.Tensor:
     """Convert ids to a 1-D int64 tensor, checking dtype and the range ``[0, upper)``."""
-    tensor = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    text("name", name)
+    upper = int_in("upper", upper, 0)
+    if not isinstance(values, torch.Tensor):
+        values = id_array(name, values)
+    tensor = torch.as_tensor(values)
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer ids, got dtype {tensor.dtype}")
+        raise TypeError(f"{name} must hold integer ids, got dtype {tensor.dtype}")
     tensor = tensor.long()
     if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= upper):
         raise ValueError(f"{name} ids must lie in [0, {upper}), got range "
@@ -74,9 +78,9 @@ class BiasedMF(nn.Module):
         self.n_users = int_in("n_users", n_users, 1)
         self.n_items = int_in("n_items", n_items, 1)
         self.dim = int_in("dim", dim, 0)
-        if not np.isfinite(global_mean):
+        if not np.isfinite(real("global_mean", global_mean)):
             raise ValueError(f"global_mean must be finite, got {global_mean}")
-        if not (np.isfinite(init_std) and init_std >= 0):
+        if not (np.isfinite(real("init_std", init_std)) and init_std >= 0):
             raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
         gen = torch.Generator().manual_seed(int_in("seed", seed, 0))
         self.user_factors = nn.Parameter(torch.randn(self.n_users, self.dim, generator=gen) * init_std)

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ..core.checks import int_in  # noqa: E402
+from ..core.checks import flag, int_in, path_like, text  # noqa: E402
 
 __all__ = ["DEFAULT_MODEL", "item_text", "item_texts", "load_text_encoder", "encode_items",
            "embedding_cache_path", "pca_projection", "principal_directions", "check_embeddings"]
@@ -105,6 +105,7 @@ def load_text_encoder(device: str = "cpu"):
     Loading is quiet on purpose: the book build treats anything a notebook cell writes to stderr
     as an error, and transformers draws a progress bar while it reads the weights.
     """
+    text("device", device)
     if device in _ENCODERS:
         return _ENCODERS[device]
     import transformers
@@ -129,8 +130,8 @@ def _minilm_encoder(texts: list[str]) -> np.ndarray:
 
 def _texts_key(model_name: str, texts: Sequence[str]) -> str:
     digest = hashlib.sha256(model_name.encode())
-    for text in texts:  # length-prefixed, so ["ab"] and ["a", "b"] differ
-        data = text.encode()
+    for entry in texts:  # length-prefixed, so ["ab"] and ["a", "b"] differ
+        data = entry.encode()
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
@@ -143,8 +144,9 @@ def _default_cache_dir() -> Path:
 def embedding_cache_path(texts: Sequence[str], *, model_name: str = DEFAULT_MODEL,
                          cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`encode_items` keeps the embeddings of ``texts`` under ``model_name``."""
+    texts = _check_texts(texts, model_name, None)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = path_like("cache_dir", cache_dir) if cache_dir is not None else _default_cache_dir()
     return root / "embeddings" / f"{slug}-{_texts_key(model_name, texts)[:24]}.npz"
 
 
@@ -225,6 +227,7 @@ def encode_items(texts: Sequence[str], *, model_name: str = DEFAULT_MODEL,
         For non-string texts, an empty list, or an encoder returning a wrong shape or NaN.
     """
     texts = _check_texts(texts, model_name, encoder)
+    use_cache = flag("use_cache", use_cache)
     key = _texts_key(model_name, texts)
     path = embedding_cache_path(texts, model_name=model_name, cache_dir=cache_dir)
     if use_cache:
@@ -266,11 +269,13 @@ def check_embeddings(embeddings: object) -> torch.Tensor:
     return tensor
 
 
-def principal_directions(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_directions(embeddings: torch.Tensor, k: int, *,
+                         name: str = "k") -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal top-``k`` principal directions ``[E, k]`` and their singular values ``[k]``.
 
     Each direction's sign is fixed (its largest-magnitude entry positive, ties to the lowest index)
-    so results do not depend on the LAPACK build.
+    so results do not depend on the LAPACK build. ``name`` is how messages call ``k`` (callers
+    pass their own parameter's name).
 
     Raises
     ------
@@ -278,10 +283,11 @@ def principal_directions(embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor
         If ``k`` exceeds ``min(n_items, embedding_dim)``.
     """
     embeddings = check_embeddings(embeddings)
-    k = int_in("dim", k, 1)
+    name = text("name", name)
+    k = int_in(name, k, 1)
     if k > min(embeddings.shape):
-        raise ValueError(f"dim must be <= min(n_items, embedding_dim) = {min(embeddings.shape)}, "
-                         f"got {k}")
+        raise ValueError(f"{name} must be <= min(n_items, embedding_dim) = "
+                         f"{min(embeddings.shape)}, got {k}")
     centred = embeddings.double() - embeddings.double().mean(0)
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     vh = vh[:k]
@@ -307,6 +313,6 @@ def pca_projection(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     torch.Tensor
         ``[E, dim]`` float32.
     """
-    directions, singular = principal_directions(embeddings, dim)
+    directions, singular = principal_directions(embeddings, dim, name="dim")
     scale = np.sqrt(len(embeddings) - 1) / singular.square().mean().sqrt()
     return (directions * scale).float()

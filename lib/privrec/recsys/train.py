@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import int_in, non_negative, positive
+from ..core.checks import flag, instance, int_in, non_negative, positive
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from .data import validate_ratings
@@ -26,6 +26,7 @@ from .metrics import canonical_order, evaluate_ratings
 from .models import BiasedMF
 
 __all__ = [
+    "explicit_loss",
     "fit_explicit",
     "fit_implicit",
     "fit_bias_baseline",
@@ -37,6 +38,7 @@ __all__ = [
 
 def ratings_to_tensors(ratings: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(users, items, ratings)`` tensors (int64, int64, float32) of a ratings table."""
+    instance("ratings", ratings, pd.DataFrame)
     return (torch.as_tensor(ratings["user"].to_numpy(np.int64)),
             torch.as_tensor(ratings["item"].to_numpy(np.int64)),
             torch.as_tensor(ratings["rating"].to_numpy(np.float32)))
@@ -49,15 +51,31 @@ def _progress(total: int, enabled: bool | None, desc: str) -> tqdm:
 
 
 def _setup(model: BiasedMF, train: pd.DataFrame, *, epochs: int, batch_size: int, lr: float,
-           seed: int) -> tuple[int, int, torch.optim.Adam, torch.Generator]:
+           seed: int, progress: bool | None) -> tuple[int, int, torch.optim.Adam, torch.Generator]:
     """Shared argument checks of the fitters; returns (epochs, batch_size, Adam, seeded generator)."""
     if not isinstance(model, BiasedMF):
         raise TypeError(f"model must be a BiasedMF, got {type(model).__name__}")
     validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
     epochs = int_in("epochs", epochs, 1)
     batch_size = int_in("batch_size", batch_size, 1)
+    if progress is not None:
+        flag("progress", progress)
     optimiser = torch.optim.Adam(model.parameters(), lr=positive("lr", lr))
     return epochs, batch_size, optimiser, torch.Generator().manual_seed(check_seed("seed", seed))
+
+
+def explicit_loss(model: BiasedMF, users: torch.Tensor, items: torch.Tensor,
+                  ratings: torch.Tensor, *, reg: float, bias_reg: float) -> torch.Tensor:
+    """Mean over a batch of :math:`(r_{ui}-\\hat r_{ui})^2 + \\lambda(\\lVert p_u\\rVert^2 +
+    \\lVert v_i\\rVert^2) + \\lambda_b (b_u^2 + b_i^2)`, the loss :func:`fit_explicit` minimises
+    (ids unchecked: inner-loop function)."""
+    # Gather each touched row once; prediction and penalty share it.
+    p_u, v_i = model.user_factors[users], model.item_factors[items]
+    b_u, b_i = model.user_bias[users], model.item_bias[items]
+    err = model.global_bias + b_u + b_i + (p_u * v_i).sum(1) - ratings
+    penalty = (reg * (p_u.square().sum(1) + v_i.square().sum(1))
+               + bias_reg * (b_u.square() + b_i.square()))
+    return (err.square() + penalty).mean()
 
 
 def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: float = 0.01,
@@ -95,7 +113,7 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
         without ``validation``); ``ledger`` is ``None`` (not private).
     """
     epochs, batch_size, optimiser, gen = _setup(model, train, epochs=epochs, batch_size=batch_size,
-                                                lr=lr, seed=seed)
+                                                lr=lr, seed=seed, progress=progress)
     if validation is not None:
         validate_ratings(validation, n_users=model.n_users, n_items=model.n_items, name="validation")
     reg, bias_reg = non_negative("reg", reg), non_negative("bias_reg", bias_reg)
@@ -103,14 +121,8 @@ def fit_explicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 30, lr: 
     users, items, ratings = ratings_to_tensors(train)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        u, i, r = users[idx], items[idx], ratings[idx]
-        # Gather each touched row once; prediction and penalty share it.
-        p_u, v_i = model.user_factors[u], model.item_factors[i]
-        b_u, b_i = model.user_bias[u], model.item_bias[i]
-        err = model.global_bias + b_u + b_i + (p_u * v_i).sum(1) - r
-        penalty = (reg * (p_u.square().sum(1) + v_i.square().sum(1))
-                   + bias_reg * (b_u.square() + b_i.square()))
-        return (err.square() + penalty).mean()
+        return explicit_loss(model, users[idx], items[idx], ratings[idx], reg=reg,
+                             bias_reg=bias_reg)
 
     def after_epoch(history: dict[str, list[float]]) -> None:
         if validation is not None:
@@ -132,7 +144,7 @@ def fit_implicit(model: BiasedMF, train: pd.DataFrame, *, epochs: int = 20, lr: 
     factors.
     """
     epochs, batch_size, optimiser, gen = _setup(model, train, epochs=epochs, batch_size=batch_size,
-                                                lr=lr, seed=seed)
+                                                lr=lr, seed=seed, progress=progress)
     n_negatives = int_in("n_negatives", n_negatives, 1)
     reg = non_negative("reg", reg)
 

@@ -21,6 +21,7 @@ References: Hu et al. (2022), LoRA, ICLR; McMahan et al. (2018), DP recurrent la
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,7 +83,7 @@ class TwoTowerRecommender(nn.Module):
         self.dim = int_in("dim", dim, 1)
         if text_dim is not None:
             text_dim = int_in("text_dim", text_dim, self.dim)
-            directions, _ = principal_directions(embeddings, text_dim)
+            directions, _ = principal_directions(embeddings, text_dim, name="text_dim")
             embeddings = ((embeddings.double() - embeddings.double().mean(0)) @ directions).float()
         self.text_dim = text_dim
         self.n_items, self.embedding_dim = embeddings.shape
@@ -199,6 +200,9 @@ def implicit_batch(positives: torch.Tensor, pool: torch.Tensor, *, n_negatives: 
     """Items and labels for implicit feedback: each positive (label 1) followed by ``n_negatives``
     items drawn uniformly from ``pool`` (label 0). ``positives`` is ``[..., B]``; the result is
     ``[..., B * (1 + n_negatives)]`` (the labels broadcast over the leading axes)."""
+    n_negatives = int_in("n_negatives", n_negatives, 1)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     shape = positives.shape
     negatives = pool[torch.randint(len(pool), (*shape, n_negatives), generator=generator)]
     items = torch.cat([positives[..., None], negatives], -1).reshape(*shape[:-1], -1)
@@ -216,6 +220,26 @@ def _l2_penalty(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
              and n != "global_bias"]
     return (sum(r.reshape(len(users), -1).square().sum(1).mean() for r in rows)
             + sum(p.square().sum() for p in dense))
+
+
+def _implicit_epoch(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
+                    pool: torch.Tensor, optimiser: torch.optim.Optimizer, gen: torch.Generator, *,
+                    batch_size: int, n_negatives: int, reg: float,
+                    shared_names: Sequence[str]) -> float:
+    """One pass of :func:`fit_two_tower` in a seeded random order; returns the mean loss."""
+    order, total = torch.randperm(len(users), generator=gen), 0.0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch, labels = implicit_batch(items[idx, None], pool, n_negatives=n_negatives,
+                                       generator=gen)
+        u, i = users[idx].repeat_interleave(n_negatives + 1), batch.reshape(-1)
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            model.predict_unchecked(u, i), labels.repeat(len(idx)))
+        optimiser.zero_grad(set_to_none=True)
+        (loss + reg * _l2_penalty(model, u, i, shared_names)).backward()
+        optimiser.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(users)
 
 
 def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr: float = 0.01,
@@ -262,17 +286,7 @@ def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, start = [], time.perf_counter()
     for _ in range(epochs):
-        order, total = torch.randperm(len(users), generator=gen), 0.0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            batch, labels = implicit_batch(items[idx, None], pool, n_negatives=n_negatives,
-                                           generator=gen)
-            u, i = users[idx].repeat_interleave(n_negatives + 1), batch.reshape(-1)
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                model.predict_unchecked(u, i), labels.repeat(len(idx)))
-            optimiser.zero_grad(set_to_none=True)
-            (loss + reg * _l2_penalty(model, u, i, shared_names)).backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(users))
+        losses.append(_implicit_epoch(model, users, items, pool, optimiser, gen,
+                                      batch_size=batch_size, n_negatives=n_negatives, reg=reg,
+                                      shared_names=shared_names))
     return FitResult(model, {"loss": losses}, None, time.perf_counter() - start)
