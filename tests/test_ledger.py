@@ -89,7 +89,7 @@ def test_table_shares_sum_to_one_and_alone_is_each_event():
         noise_multiplier=1.0, sample_rate=0.01, steps=2000, delta=ledger.delta), rel=1e-12)
     assert table["epsilon alone"].max() < ledger.epsilon() < table["epsilon alone"].sum()
     summary = ledger.summary()
-    assert summary.startswith("interaction-level (epsilon = ") and "delta = 1e-07" in summary
+    assert summary.startswith("interaction-level (ε = ") and "δ = 1e-07" in summary
 
 
 def test_zero_noise_is_infinite_and_empty_is_zero():
@@ -254,7 +254,7 @@ def test_rdp_accountant_has_no_placeholder_delta():
     with pytest.raises(ValueError, match="delta must be given"):
         accountant.summary()
     summary = accountant.summary(delta=1e-5)
-    assert "delta = 1e-05" in summary and "5e-01" not in summary
+    assert "δ = 1e-05" in summary and "5e-01" not in summary
     again = RDPAccountant.from_json(accountant.to_json())
     assert isinstance(again, RDPAccountant) and again.delta is None
     assert again.get_epsilon(1e-5) == accountant.get_epsilon(1e-5)

@@ -20,11 +20,12 @@ Usage::
     python tools/zh_edition.py skeleton PATH      # the page's store file, every missing or stale unit
                                                   # as "TODO-EN" + English text, to translate in place
     python tools/zh_edition.py build OUT          # the Chinese book's sources in OUT (jupyter-book build OUT)
+    python tools/zh_edition.py preview OUT        # the same, English text where a translation is missing
+                                                  # (a translator's check that the pages build; never CI)
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -167,7 +168,7 @@ def _zh_notebook(relpath: str, zh: dict[str, tuple[str, str]]) -> dict:
     nb = json.loads((ROOT / relpath).read_text())
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
-            text = zh[cell["id"]][1]
+            text = zh[cell["id"]][1] if cell["id"] in zh else "".join(cell["source"])
             lines = text.split("\n")
             cell["source"] = [line + "\n" for line in lines[:-1]] + [lines[-1]]
     nb.setdefault("metadata", {})["language_edition"] = "zh"
@@ -191,10 +192,18 @@ def _zh_toc(meta: dict) -> dict:
     return toc
 
 
-def build(out: Path, store: Path = STORE) -> None:
-    """Write the Chinese book's sources into ``out``; fails on any missing or stale translation."""
+def _current(relpath: str, store: Path) -> dict[str, tuple[str, str]]:
+    """The page's translations that are current (hash matches, not a TODO)."""
+    zh = read_store(relpath, store)
+    return {uid: zh[uid] for uid, text in units_of(relpath)
+            if uid in zh and zh[uid][0] == unit_hash(text) and not zh[uid][1].lstrip().startswith(TODO)}
+
+
+def build(out: Path, store: Path = STORE, *, preview: bool = False) -> None:
+    """Write the Chinese book's sources into ``out``; fails on any missing or stale translation
+    (``preview=True``: falls back to the English text instead, for a translator's build check)."""
     problems = [p for p in stale_units(ROOT, store) if p[2] != "orphan"]
-    if problems:
+    if problems and not preview:
         raise SystemExit("translations not current (run `python tools/zh_edition.py stale`):\n"
                          + "\n".join(f"  {page} {uid}: {why}" for page, uid, why in problems[:40]))
     meta = yaml.safe_load((store / META.name).read_text())
@@ -208,13 +217,14 @@ def build(out: Path, store: Path = STORE) -> None:
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "book" / "references.bib", out / "book" / "references.bib")
     for relpath in toc_files():
-        zh = read_store(relpath, store)
+        zh = _current(relpath, store)
         target = out / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         if relpath.endswith(".ipynb"):
             target.write_text(json.dumps(_zh_notebook(relpath, zh), ensure_ascii=False, indent=1) + "\n")
         else:
-            target.write_text("\n\n".join(zh[uid][1] for uid, _ in units_of(relpath)) + "\n")
+            target.write_text("\n\n".join(zh[uid][1] if uid in zh else text
+                                          for uid, text in units_of(relpath)) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -231,8 +241,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["skeleton"] and len(argv) == 2:
         print(skeleton(argv[1]))
         return 0
-    if argv[:1] == ["build"] and len(argv) == 2:
-        build(Path(argv[1]).resolve())
+    if argv[:1] in (["build"], ["preview"]) and len(argv) == 2:
+        build(Path(argv[1]).resolve(), preview=argv[0] == "preview")
         return 0
     print(__doc__)
     return 2

@@ -36,13 +36,13 @@ import torch
 from scipy.stats import binom
 
 from ..central.dpsgd import DPSGD, fit_dpsgd
-from ..core.checks import check_delta, in_range, int_in
+from ..core.checks import check_delta, in_range, int_in, positive
 from ..core.checks import seed as check_seed
 from ..recsys.models import BiasedMF
 
 __all__ = ["one_run_p_value", "one_run_epsilon_lower_bound", "guesses_from_scores",
            "canary_ratings", "TouchedRowsNoiseDPSGD", "UnclippedDPSGD", "canary_scores",
-           "audit_dpsgd"]
+           "audit_dpsgd", "judge_guesses", "canaries_to_certify"]
 
 
 def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -216,16 +216,51 @@ def audit_dpsgd(train: pd.DataFrame, *, n_users: int, n_items: int, target_epsil
     k = int(round(in_range("guess_fraction", guess_fraction, 0.0, 1.0, closed_high=True)
                   * n_canaries / 2))
     scores = canary_scores(model, start, canaries["item"].to_numpy())
-    level = 1.0 - (1.0 - in_range("confidence", confidence, 0.5, 1.0, closed_high=False)) / len(scores)
+    confidence = in_range("confidence", confidence, 0.5, 1.0, closed_high=False)
     out = {"claimed_epsilon": float(claimed), "delta": float(delta), "ledger": run.ledger.summary()}
-    p_values = []
+    return out | judge_guesses(scores, inserted, k=k, epsilon=claimed, delta=delta,
+                               confidence=confidence)
+
+
+def canaries_to_certify(*, epsilon: float, delta: float, confidence: float = 0.95) -> int:
+    """The fewest guesses ``r`` (with ``m = 2r`` canaries), all correct, that certify more than
+    ``epsilon`` at ``confidence``: the design's ceiling grows only like :math:`\\log r`.
+
+    >>> canaries_to_certify(epsilon=1.0, delta=1e-5)
+    10
+    """
+    epsilon = positive("epsilon", epsilon)
+
+    def certifies(r: int) -> bool:
+        return one_run_epsilon_lower_bound(m=2 * r, r=r, v=r, delta=delta, confidence=confidence) > epsilon
+
+    high = 1
+    while not certifies(high):  # doubling, then bisection: certifies() is monotone in r
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if certifies(mid) else (mid, high)
+    return high
+
+
+def judge_guesses(scores: dict[str, np.ndarray], inserted: np.ndarray, *, k: int, epsilon: float,
+                  delta: float, confidence: float) -> dict[str, float]:
+    """Guess the top/bottom ``k`` canaries of each score and test the claim (Bonferroni over scores).
+
+    Returns, per score ``s``, ``guesses_<s>``, ``correct_<s>`` and ``epsilon_lb_<s>`` (the lower
+    bound at confidence ``1 - (1 - confidence)/len(scores)``), then ``empirical_epsilon`` (the larger
+    lower bound), ``p_value`` of the claim and ``flagged`` (1.0 if the claim is rejected).
+    """
+    level = 1.0 - (1.0 - confidence) / len(scores)
+    out, p_values = {}, []
     for name, score in scores.items():
         guess = guesses_from_scores(score, k_in=k, k_out=k)
         r, v = int((guess != 0).sum()), int((guess == np.where(inserted, 1, -1)).sum())
         out |= {f"guesses_{name}": r, f"correct_{name}": v,
                 f"epsilon_lb_{name}": one_run_epsilon_lower_bound(
-                    m=n_canaries, r=r, v=v, delta=delta, confidence=level)}
-        p_values.append(one_run_p_value(m=n_canaries, r=r, v=v, epsilon=claimed, delta=delta))
+                    m=len(inserted), r=r, v=v, delta=delta, confidence=level)}
+        p_values.append(one_run_p_value(m=len(inserted), r=r, v=v, epsilon=epsilon, delta=delta))
     out["empirical_epsilon"] = max(out[f"epsilon_lb_{name}"] for name in scores)
     out["p_value"] = min(1.0, len(scores) * min(p_values))
     out["flagged"] = float(out["p_value"] <= 1.0 - confidence)

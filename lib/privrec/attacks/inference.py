@@ -18,16 +18,18 @@ public profile, a survey) and trains an L2-regularised logistic regression on th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import beta, rankdata
 
-from ..core.checks import in_range, int_in, non_negative
+from ..core.checks import epsilon_or_inf, in_range, int_in, non_negative
 from ..core.checks import seed as check_seed
 
-__all__ = ["roc_auc", "tpr_at_fpr", "attack_summary", "clopper_pearson", "item_set_features",
-           "fit_logistic", "attribute_inference_auc"]
+__all__ = ["roc_auc", "tpr_at_fpr", "attack_summary", "clopper_pearson", "dp_tpr_bound",
+           "item_set_features", "fit_logistic", "attribute_inference_auc"]
 
 
 def _scores_labels(scores: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +111,30 @@ def clopper_pearson(successes: int, trials: int, *, confidence: float = 0.95) ->
     low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return low, high
+
+
+def dp_tpr_bound(*, epsilon: float, delta: float, fpr: float) -> float:
+    """The largest true-positive rate any test can reach at false-positive rate ``fpr`` against an
+    :math:`(\\varepsilon,\\delta)`-DP mechanism: the privacy region of Kairouz, Oh & Viswanath
+    (2015, Thm. 2.1),
+
+    .. math:: \\mathrm{TPR} \\le \\min\\{1,\\; e^{\\varepsilon}\\,\\mathrm{FPR} + \\delta,\\;
+              1 - e^{-\\varepsilon}(1 - \\delta - \\mathrm{FPR})\\}.
+
+    The second term binds at small FPR, the third near FPR = 1; ``epsilon = inf`` gives 1.
+
+    >>> round(dp_tpr_bound(epsilon=1.0, delta=1e-5, fpr=0.01), 5)
+    0.02719
+    >>> round(dp_tpr_bound(epsilon=1.0, delta=0.0, fpr=0.9), 4)
+    0.9632
+    """
+    epsilon = epsilon_or_inf("epsilon", epsilon)
+    delta = in_range("delta", delta, 0.0, 1.0, closed_high=True)
+    fpr = in_range("fpr", fpr, 0.0, 1.0, closed_high=True)
+    if math.isinf(epsilon):
+        return 1.0
+    return float(min(1.0, math.exp(epsilon) * fpr + delta,
+                     1.0 - math.exp(-epsilon) * (1.0 - delta - fpr)))
 
 
 def item_set_features(ratings: pd.DataFrame, *, n_users: int, n_items: int) -> np.ndarray:

@@ -111,39 +111,39 @@ def score_item_sets(predicted: pd.DataFrame, truth: pd.DataFrame) -> dict[str, f
     }
 
 
-def _factor(a: torch.Tensor, g: torch.Tensor, q0: torch.Tensor, b0: torch.Tensor,
+def _factor(a: torch.Tensor, g: torch.Tensor, v0: torch.Tensor, b0: torch.Tensor,
             position: torch.Tensor, n_clients: int, *, local_lr: float, reg: float,
             bias_reg: float) -> torch.Tensor:
     """Each client's :math:`p_u` from an unscaled upload: every factor row is :math:`e_{ui}p_u`."""
-    scaled_p = (g / local_lr + 2 * reg * q0) / 2
+    scaled_p = (g / local_lr + 2 * reg * v0) / 2
     e = (a / local_lr + 2 * bias_reg * b0) / 2
-    num = torch.zeros(n_clients, q0.shape[1], dtype=torch.double).index_add_(
+    num = torch.zeros(n_clients, v0.shape[1], dtype=torch.double).index_add_(
         0, position, e[:, None] * scaled_p)
     den = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, e.square())
     return num / den.clamp(min=1e-300)[:, None]
 
 
-def _factor_and_scale(a: torch.Tensor, g: torch.Tensor, q0: torch.Tensor, b0: torch.Tensor,
+def _factor_and_scale(a: torch.Tensor, g: torch.Tensor, v0: torch.Tensor, b0: torch.Tensor,
                       position: torch.Tensor, n_clients: int, *, local_lr: float, reg: float,
                       bias_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each client's :math:`p_u` and unknown scale :math:`f_u` from its rescaled upload.
 
     With :math:`c_i = 2\\eta\\lambda_b b_i`, :math:`k = 2\\eta\\lambda` and :math:`w = f p`, every
-    uploaded row gives :math:`d` linear equations :math:`g_i = a_i p + c_i w - k f q_i`; the
+    uploaded row gives :math:`d` linear equations :math:`g_i = a_i p + c_i w - k f v_i`; the
     :math:`2d+1` unknowns :math:`(p, w, f)` are solved by least squares (normal equations summed
     over the client's rows; needs about 3 rows or more).
     """
-    d = q0.shape[1]
+    d = v0.shape[1]
     eye = torch.eye(d, dtype=torch.double)
     c, k = 2 * local_lr * bias_reg * b0, 2 * local_lr * reg
     blocks = torch.zeros(len(a), 2 * d + 1, 2 * d + 1, dtype=torch.double)
     blocks[:, :d, :d] = a[:, None, None] ** 2 * eye
     blocks[:, :d, d:2 * d] = blocks[:, d:2 * d, :d] = (a * c)[:, None, None] * eye
     blocks[:, d:2 * d, d:2 * d] = c[:, None, None] ** 2 * eye
-    blocks[:, :d, -1] = blocks[:, -1, :d] = -k * a[:, None] * q0
-    blocks[:, d:2 * d, -1] = blocks[:, -1, d:2 * d] = -k * c[:, None] * q0
-    blocks[:, -1, -1] = k * k * q0.square().sum(1)
-    rhs = torch.cat([a[:, None] * g, c[:, None] * g, -k * (q0 * g).sum(1, keepdim=True)], 1)
+    blocks[:, :d, -1] = blocks[:, -1, :d] = -k * a[:, None] * v0
+    blocks[:, d:2 * d, -1] = blocks[:, -1, d:2 * d] = -k * c[:, None] * v0
+    blocks[:, -1, -1] = k * k * v0.square().sum(1)
+    rhs = torch.cat([a[:, None] * g, c[:, None] * g, -k * (v0 * g).sum(1, keepdim=True)], 1)
     gram = torch.zeros(n_clients, 2 * d + 1, 2 * d + 1, dtype=torch.double).index_add_(
         0, position, blocks)
     target = torch.zeros(n_clients, 2 * d + 1, dtype=torch.double).index_add_(0, position, rhs)
@@ -158,16 +158,16 @@ def invert_ratings(upload: ClientUpdates, broadcast: dict[str, torch.Tensor], *,
 
     Assumes the public protocol of :class:`~privrec.federated.engine.FederatedMF` with one client per
     user, ``user_solver="closed_form"`` and ``local_epochs=1``. For an uploaded row :math:`i` of
-    client :math:`u` the client took one step from the broadcast :math:`(q_i, b_i)` with error
+    client :math:`u` the client took one step from the broadcast :math:`(v_i, b_i)` with error
     :math:`e_{ui} = r_{ui}-\\hat r_{ui}`:
 
     .. math:: \\Delta b_i = \\eta(2e_{ui} - 2\\lambda_b b_i),\\qquad
-              \\Delta q_i = \\eta(2e_{ui}\\,p_u - 2\\lambda q_i).
+              \\Delta v_i = \\eta(2e_{ui}\\,p_u - 2\\lambda v_i).
 
     The server therefore reads :math:`e_{ui}` off the bias change, :math:`p_u` off the factor
     changes (least squares over the rows), and :math:`b_u` off the optimality of the client's
     closed-form solve, :math:`\\sum_i e_{ui} = n_u\\lambda_b b_u`. Then
-    :math:`r_{ui} = e_{ui} + \\mu + b_u + b_i + p_u^\\top q_i`. The same information lets FedMF's
+    :math:`r_{ui} = e_{ui} + \\mu + b_u + b_i + p_u^\\top v_i`. The same information lets FedMF's
     server solve for ratings from two consecutive gradients (Chai et al. 2020).
 
     With ``rescaled=True`` each client's upload may have been multiplied by an unknown factor
@@ -193,22 +193,31 @@ def invert_ratings(upload: ClientUpdates, broadcast: dict[str, torch.Tensor], *,
         raise ValueError("invert_ratings needs cross-device updates (one user per client); this "
                          "upload has rows that aggregate several ratings")
     items, position, n_clients = rows.row, rows.client_pos, len(upload)
-    q0 = broadcast["item_factors"][items].double()
+    v0 = broadcast["item_factors"][items].double()
     b0 = broadcast["item_bias"][items].double()
     a, g = bias.values.double(), rows.values.double()
     if rescaled:
-        p, scale = _factor_and_scale(a, g, q0, b0, position, n_clients, local_lr=local_lr,
+        p, scale = _factor_and_scale(a, g, v0, b0, position, n_clients, local_lr=local_lr,
                                      reg=reg, bias_reg=bias_reg)
     else:
-        p, scale = _factor(a, g, q0, b0, position, n_clients, local_lr=local_lr, reg=reg,
+        p, scale = _factor(a, g, v0, b0, position, n_clients, local_lr=local_lr, reg=reg,
                            bias_reg=bias_reg), torch.ones(n_clients, dtype=torch.double)
-    err = (a / (scale[position] * local_lr) + 2 * bias_reg * b0) / 2
-    n_rows = torch.bincount(position, minlength=n_clients).double()
-    b_u = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, err) / (n_rows * bias_reg)
-    rating = err + broadcast["global_bias"].double() + b_u[position] + b0 + (p[position] * q0).sum(1)
+    rating = _ratings(a / (scale[position] * local_lr), p, v0, b0, position, n_clients,
+                      global_bias=broadcast["global_bias"].double(), bias_reg=bias_reg)
     return pd.DataFrame({"client": upload.clients[position].numpy().astype(np.int64),
                          "item": items.numpy().astype(np.int64),
                          "rating": rating.float().numpy()})
+
+
+def _ratings(bias_step: torch.Tensor, p: torch.Tensor, v0: torch.Tensor, b0: torch.Tensor,
+             position: torch.Tensor, n_clients: int, *, global_bias: torch.Tensor,
+             bias_reg: float) -> torch.Tensor:
+    """Ratings from the recovered errors :math:`e_{ui}` (off the unscaled bias step), the user
+    biases (off the closed-form solve's optimality) and the recovered :math:`p_u`."""
+    err = (bias_step + 2 * bias_reg * b0) / 2
+    n_rows = torch.bincount(position, minlength=n_clients).double()
+    b_u = torch.zeros(n_clients, dtype=torch.double).index_add_(0, position, err) / (n_rows * bias_reg)
+    return err + global_bias + b_u[position] + b0 + (p[position] * v0).sum(1)
 
 
 def score_ratings(recovered: pd.DataFrame, train: pd.DataFrame,

@@ -302,13 +302,16 @@ class PrivacyLedger(_JsonFile):
         return pd.DataFrame(rows, columns=columns)
 
     def summary(self, delta: float | None = None) -> str:
-        """A short printable statement: epsilon, delta, unit and the event table (rounded)."""
+        """A short printable statement: ε, δ, unit and the event table (rounded, compact headers:
+        σ is the noise multiplier, "-" for a pure-ε event; it fits an 80-character column)."""
         delta = self._delta(delta)
         table = self.table(delta).round({"q": 5, "noise multiplier": 4, "epsilon alone": 3,
                                          "share of epsilon": 3})
-        head = (f"{self.unit}-level (epsilon = {self.epsilon(delta):.3f}, delta = {delta:.0e})"
+        table = table.rename(columns={"noise multiplier": "σ", "epsilon alone": "ε alone",
+                                      "share of epsilon": "share"})
+        head = (f"{self.unit}-level (ε = {self.epsilon(delta):.3f}, δ = {delta:.0e})"
                 + (f" over {self.n_units} {self.unit}s" if self.n_units else ""))
-        return head + "\n" + (table.to_string(index=False) if len(table) else "(no releases)")
+        return head + "\n" + (table.to_string(index=False, na_rep="-") if len(table) else "(no releases)")
 
     def to_dict(self) -> dict[str, Any]:
         """Settings and events as JSON-ready plain values (``orders`` None: the default grid)."""
