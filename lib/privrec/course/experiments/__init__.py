@@ -1,0 +1,1 @@
+"""Experiment harnesses the chapters call, one module per topic (grids, tuning, cached runs)."""
