@@ -35,18 +35,21 @@ def test_stub_and_crash_are_feedback_not_exceptions(name):
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    assert getattr(check, name)(stub).hint == NOT_ATTEMPTED
+    untried = getattr(check, name)(stub)
+    assert untried.hint == NOT_ATTEMPTED and not untried.passed and not untried.attempted
+    # A reader who has not tried yet sees a neutral prompt, not a verdict (issue 23.7).
+    assert repr(untried).startswith(f"YOUR TURN {name}: ") and "TRY AGAIN" not in repr(untried)
     crashed = getattr(check, name)(crash)
     assert not crashed.passed and "raised RuntimeError (boom)" in crashed.hint
     assert not getattr(check, name)(42).passed
 
 
 def test_checker_count_per_chapter():
-    # >= 2 auto-checked exercises per chapter 1-7 (issue 15).
+    # >= 2 auto-checked exercises per chapter 1-6 and 9 (issue 15).
     per_chapter = {1: ["top_k", "choose_config"], 2: ["laplace_scale", "krr_keep_probability"],
                    3: ["dp_sgd_gradient", "noisy_table_gradient"], 4: ["fedavg", "fedavgm_step"],
                    5: ["dp_fedavg", "group_epsilon"], 6: ["lora_parameter_count", "cold_start_scores"],
-                   7: ["roc_auc", "tpr_bound"]}
+                   9: ["roc_auc", "tpr_bound"]}
     assert sorted(n for names in per_chapter.values() for n in names) == CHECKERS
 
 
@@ -65,6 +68,10 @@ WRONG = {
                                       axis=1, kind="stable")[:, :k], "equal scores are ordered differently")],
     "choose_config": [
         (lambda results: min(range(len(results)), key=lambda i: results[i]["test_rmse"]), "TEST RMSE"),
+        # validation first, but ties broken by the test set: still a look at it (issue 22.3)
+        (lambda results: min(range(len(results)),
+                             key=lambda i: (results[i]["val_rmse"], results[i]["test_rmse"])),
+         "broke a tie in validation RMSE with TEST RMSE"),
         (lambda results: [i for i, r in enumerate(results)
                           if r["val_rmse"] == min(x["val_rmse"] for x in results)][-1], "FIRST")],
     "dp_sgd_gradient": [
@@ -98,7 +105,12 @@ WRONG = {
     "roc_auc": [
         (lambda member_scores, nonmember_scores:
          float((member_scores[:, None] > nonmember_scores[None, :]).mean()), "'>' only")],
-    "tpr_bound": [(lambda epsilon, delta, fpr: min(1.0, math.exp(epsilon) * fpr), "add δ")],
+    "tpr_bound": [
+        # the one-sided cap is valid but not tight at large FPR (issue 22.3)
+        (lambda epsilon, delta, fpr: min(1.0, math.exp(epsilon) * fpr + delta), "miss rate"),
+        (lambda epsilon, delta, fpr: min(1.0, math.exp(epsilon) * fpr,
+                                         1 - math.exp(-epsilon) * (1 - fpr)), "add δ"),
+        (lambda epsilon, delta, fpr: math.exp(epsilon) * fpr + delta, "at most 1")],
 }
 
 
@@ -132,11 +144,37 @@ def test_every_checker_has_a_typical_mistake():
     assert all(WRONG[name] for name in CHECKERS)
 
 
+def test_tpr_bound_is_the_tight_two_sided_region():
+    # Kairouz et al. (2015), Thm 2.1: the region's upper boundary, the miss-rate side binding at
+    # large FPR; an answer with only e^ε·FPR + δ passes nowhere that side binds.
+    tight = check.SOLUTIONS["tpr_bound"]
+    assert tight(1.0, 1e-5, 0.5) == pytest.approx(1 - math.exp(-1.0) * (1 - 1e-5 - 0.5))
+    assert tight(1.0, 1e-5, 0.01) == pytest.approx(math.exp(1.0) * 0.01 + 1e-5)
+    assert tight(0.0, 0.0, 0.3) == pytest.approx(0.3)  # no privacy loss: no better than chance
+
+
+def test_choose_config_never_consults_the_test_set():
+    # Any answer that reads test_rmse changes its choice on some hidden case.
+    cases = check._config_cases()
+    for case in cases:
+        for row in case["results"]:
+            row["test_rmse"] = -row["test_rmse"]
+    assert [check.SOLUTIONS["choose_config"](**c) for c in cases] == [
+        check.SOLUTIONS["choose_config"](**c) for c in check._config_cases()]
+
+
 def test_torch_answers_are_accepted():
     def torch_top_k(scores, k):
         return torch.argsort(-torch.as_tensor(scores), dim=1, stable=True)[:, :k]
 
     assert check.top_k(torch_top_k).passed
+
+
+def test_feedback_fits_the_text_column():
+    feedback = check.tpr_bound(lambda epsilon, delta, fpr: min(1.0, math.exp(epsilon) * fpr + delta))
+    lines = repr(feedback).splitlines()
+    assert len(lines) > 1 and max(map(len, lines)) <= 80 and lines[1].startswith("  ")
+    assert " ".join(repr(feedback).split()) == f"TRY AGAIN tpr_bound: {feedback.hint}"
 
 
 def test_unlisted_mistake_reports_the_first_failing_case():
@@ -147,6 +185,25 @@ def test_unlisted_mistake_reports_the_first_failing_case():
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _all_checkers() -> set[str]:
+    """Every auto-checked exercise of every privrec.course.exercises* module (chapters may use the
+    modules that other chapters' exercises live in, e.g. exercises_selection)."""
+    import importlib
+    import pkgutil
+
+    import privrec.course
+
+    names = set()
+    for module in pkgutil.iter_modules(privrec.course.__path__):
+        if module.name.startswith("exercises"):
+            names |= set(getattr(importlib.import_module(f"privrec.course.{module.name}"),
+                                 "SOLUTIONS", {}))
+    return names
+
+
+ALL_CHECKERS = _all_checkers()
 COURSE_CHAPTERS = sorted(p for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")
                          if '"course-intro-' in p.read_text())
 
@@ -165,11 +222,13 @@ def test_chapter_stubs_are_unanswered_and_solutions_pass(path):
     assert len(tried) >= 2
     for key in tried:
         name = key[len("course-"):-len("-try")]
-        assert name in CHECKERS
+        assert name in ALL_CHECKERS, f"{path.name}: {key} checks an unknown exercise"
         text = "".join("".join(o["data"]["text/plain"]) if "data" in o else "".join(o.get("text", ""))
                        for o in cells[key]["outputs"])
-        assert f"TRY AGAIN {name}: {NOT_ATTEMPTED}" in text
+        assert f"YOUR TURN {name}: {NOT_ATTEMPTED}" in " ".join(text.split()), (
+            f"{path.name}: re-execute the chapter so that {key} shows the neutral prompt")
         outputs = cells[f"course-{name}-solution"]["outputs"]
         solved = "".join("".join(o["data"]["text/plain"]) for o in outputs
                          if o.get("output_type") == "execute_result")
         assert solved.startswith(f"PASS {name}: correct on all"), solved
+        assert max(len(line) for line in (text + "\n" + solved).splitlines()) <= 80

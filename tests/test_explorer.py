@@ -64,6 +64,16 @@ def test_bad_specs_are_rejected():
                       initial={"clients": 50})
 
 
+def test_the_chart_has_descriptive_alt_text():
+    page = _page()
+    label = page.split('aria-label="')[1].split('"')[0]
+    assert label.startswith("Line chart of test RMSE or NDCG@10 (menu) against user-level ε")
+    assert "one line per clients" in label
+    custom = explorer_html(_records(), controls=["epsilon", "clients"], metrics={"rmse": "RMSE"},
+                           alt="RMSE of DP-FedAvg against ε")
+    assert 'aria-label="RMSE of DP-FedAvg against ε"' in custom
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -103,5 +113,13 @@ def test_moving_the_epsilon_control_changes_the_plot(tmp_path):
         page.eval_on_selector('input[name="clients"]',
                               "el => { el.value = 1; el.dispatchEvent(new Event('input')); }")
         assert state()[0]["clients"] == 100
+        # every line is labelled with its series value, and the legend names the selected one
+        labels = page.locator(".privrec-series-label").all_text_contents()
+        assert sorted(labels) == ["10", "100"]
+        assert "clients = 100" in page.locator(".privrec-legend").inner_text()
+        # drawn for the column and scaled down on a phone: the chart is never cut off
+        page.set_viewport_size({"width": 390, "height": 800})
+        box = page.locator(".privrec-explorer svg").bounding_box()
+        assert box["width"] <= 390 and page.locator(".privrec-point").is_visible()
         browser.close()
     assert all(url.startswith("file://") for url in requests)

@@ -17,7 +17,9 @@ from privrec.course.static_widget import static_widget_html  # noqa: E402
 
 def _draw(slope, shift):
     fig, ax = plt.subplots(figsize=(3, 2))
-    ax.plot([0, 1], [shift, shift + slope])
+    ax.plot([0, 1], [shift, shift + slope], label="the line")
+    ax.set(xlabel="x", ylabel="height", title="a line")
+    ax.legend()
     plt.show()
     print(f"slope {slope}, shift {shift}")
 
@@ -35,6 +37,42 @@ def test_one_frame_per_combination_with_its_printout():
     assert "slope 3, shift 0.5" in page and "slope a" in page
     assert "http" not in page.replace("http://www.w3.org", "")  # self-contained
     assert not plt.get_fignums()  # every frame's figure was closed
+
+
+def _alts(page):
+    return [part.split('"')[0] for part in page.split(' alt="')[1:]]
+
+
+def test_every_frame_has_descriptive_alt_text_not_its_kwargs():
+    alts = _alts(_html())
+    assert len(alts) == 6 and len(set(alts)) == 6
+    assert alts[0] == "Plot of a line: height against x (the line). Shown for slope a = 1, shift = 0.0."
+    assert not any("{" in a or "&#x27;" in a for a in alts)
+    templated = static_widget_html(_draw, {"slope": [1, 2], "shift": [0.0]},
+                                   alt="A line of slope {slope} from height {shift}")
+    assert _alts(templated) == ["A line of slope 1 from height 0.0", "A line of slope 2 from height 0.0"]
+    called = static_widget_html(_draw, {"slope": [1], "shift": [0.5]},
+                                alt=lambda slope, shift: f"slope {slope}")
+    assert _alts(called) == ["slope 1"]
+
+
+def test_frames_are_drawn_at_the_figure_dpi_for_the_column():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from privrec.course.figures import figure
+
+    def wide(slope):
+        fig, ax = figure()
+        ax.plot([0, 1], [0, slope])
+        return fig
+
+    page = static_widget_html(wide, {"slope": [1]})
+    png = page.split("data:image/png;base64,")[1].split('"')[0]
+    width = Image.open(io.BytesIO(base64.b64decode(png))).width
+    assert 640 <= width <= 720  # 6.9 in at dpi 100, cropped by bbox_inches="tight"
 
 
 def test_infinite_and_odd_values_become_text():

@@ -16,8 +16,9 @@ from pathlib import Path
 INTRO = """## Check your own code
 
 Each exercise below comes with a cell holding a stub: replace `raise NotImplementedError` with your
-answer and run the cell. The one-line check runs your function on hidden cases, says `PASS` or
-names the typical mistake it recognises, and never raises. The reference solution is in the
+answer and run the cell. Until you have written something, the check says `YOUR TURN`; then it
+runs your function on hidden cases, says `PASS` or names the typical mistake it recognises, and
+never raises. The reference solution is in the
 collapsed cell under each exercise: try first."""
 
 # chapter number -> [(checker, function name, parameters, task in one paragraph)]
@@ -68,7 +69,7 @@ EXERCISES = {
          "**Exercise B (scoring items nobody rated).** `user_vectors` is `(users, d)`, "
          "`text_embeddings` `(items, t)` from the frozen encoder, `adapter` the learned `(t, d)` "
          "map. Return the `(users, items)` score matrix.")],
-    7: [("roc_auc", "my_auc", "member_scores, nonmember_scores",
+    9: [("roc_auc", "my_auc", "member_scores, nonmember_scores",
          "**Exercise A (AUC with ties).** Return the area under the ROC curve of an attack that "
          "calls a higher score \"member\"."),
         ("tpr_bound", "my_tpr_bound", "epsilon, delta, fpr",

@@ -2,8 +2,10 @@
 
 Owns
     :mod:`~privrec.course.book` (``show_source``, seeding, the code-keyed result cache),
+    :mod:`~privrec.course.figures` (figures drawn for the text column, legible on a phone),
     :mod:`~privrec.course.explorer` and :mod:`~privrec.course.static_widget` (figures that respond
-    without a kernel), :mod:`~privrec.course.exercises`, :mod:`~privrec.course.exercises_federated`
+    without a kernel), :mod:`~privrec.course.benchmark_report` (chapter 10's tables from
+    ``benchmarks/results.json``), :mod:`~privrec.course.exercises`, :mod:`~privrec.course.exercises_federated`
     and :mod:`~privrec.course.exercise_grading` (auto-checked exercises), and
     :mod:`privrec.course.experiments` (the experiment harnesses the chapters call: grids over ε,
     tuning searches on validation splits, cached runs, paired multi-seed comparisons).

@@ -11,6 +11,7 @@ addresses), so the book's executed notebooks compare exactly under nbval.
 from __future__ import annotations
 
 import copy
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,13 +19,13 @@ import numpy as np
 
 __all__ = ["Feedback", "grade", "as_array", "clip_each", "NOT_ATTEMPTED"]
 
-NOT_ATTEMPTED = ("not attempted yet: replace `raise NotImplementedError` in your function with your "
-                 "answer and run the cell again.")
+NOT_ATTEMPTED = ("write your answer in place of `raise NotImplementedError` in the function above, "
+                 "then run this cell again to check it (in Jupyter, Binder or Colab).")
 
 
 @dataclass(frozen=True)
 class Feedback:
-    """The verdict on one attempt: shown as one line in a notebook, truthy when it passed.
+    """The verdict on one attempt: one paragraph in a notebook, truthy when it passed.
 
     Attributes
     ----------
@@ -34,17 +35,24 @@ class Feedback:
         Whether the attempt agreed with the reference on every hidden case.
     hint:
         What went right or, for a failed attempt, the specific mistake (or the first failing case).
+    attempted:
+        ``False`` while the function still raises ``NotImplementedError``: the line is then a
+        neutral prompt ("YOUR TURN"), not a verdict, because the reader has not tried yet.
     """
 
     exercise: str
     passed: bool
     hint: str
+    attempted: bool = True
 
     def __bool__(self) -> bool:
         return self.passed
 
     def __repr__(self) -> str:
-        return f"{'PASS' if self.passed else 'TRY AGAIN'} {self.exercise}: {self.hint}"
+        """One paragraph wrapped at 80 characters (the width of the book's text column)."""
+        verdict = "PASS" if self.passed else "TRY AGAIN" if self.attempted else "YOUR TURN"
+        return textwrap.fill(f"{verdict} {self.exercise}: {self.hint}", width=80,
+                             subsequent_indent="  ", break_on_hyphens=False)
 
 
 def as_array(value: object) -> np.ndarray:
@@ -129,7 +137,7 @@ def grade(name: str, attempt: Callable, *, reference: Callable,
         try:
             answers.append(as_array(_run(attempt, case)))
         except NotImplementedError:
-            return Feedback(name, False, NOT_ATTEMPTED)
+            return Feedback(name, False, NOT_ATTEMPTED, attempted=False)
         except Exception as error:  # noqa: BLE001 - any failure of the reader's code is feedback
             return Feedback(name, False, f"your function raised {type(error).__name__} ({error}) "
                                          f"on the hidden case {_describe(case)}.")

@@ -6,16 +6,17 @@ Usage in a chapter:
 >>> def my_scale(sensitivity, epsilon):
 ...     return 1 / (epsilon * sensitivity)
 >>> check.laplace_scale(my_scale)  # doctest: +ELLIPSIS
-TRY AGAIN laplace_scale: that is the article's 1/(ε·Δs): it SHRINKS the noise as the sensitivity ...
+TRY AGAIN laplace_scale: that is the article's 1/(ε·Δs): it SHRINKS the noise as...
 >>> check.laplace_scale(lambda sensitivity, epsilon: sensitivity / epsilon)  # doctest: +ELLIPSIS
 PASS laplace_scale: correct on all 4 hidden cases. ...
 
-Every checker returns a :class:`~privrec.course.exercise_grading.Feedback` (one line in a notebook, truthy
-when the attempt is right) and names the common mistake it recognises: the article's inverted
+Every checker returns a :class:`~privrec.course.exercise_grading.Feedback` (one paragraph in a
+notebook, wrapped at 80 characters, truthy when the attempt is right; "YOUR TURN" while the stub is
+unanswered) and names the common mistake it recognises: the article's inverted
 Laplace scale :math:`1/(\\varepsilon\\Delta s)`, dividing a DP-SGD sum by the realised batch instead
 of :math:`qN`, noise on touched rows only, tuning on test data, unstable tie-breaking in top-K,
 example-weighted averaging under DP, … ``SOLUTIONS`` maps each checker to its reference solution
-(the chapters show it in their solutions). Chapters 1–3 are here, 4–7 in
+(the chapters show it in their solutions). Chapters 1–3 are here, 4–6 and 9 in
 :mod:`privrec.course.exercises_federated` (re-exported).
 """
 
@@ -107,27 +108,48 @@ def _config_cases():
                                         strict=True)]
     return [dict(results=rows([0.95, 0.93, 0.94, 0.96], [0.94, 0.935, 0.92, 0.95])),
             dict(results=rows([0.91, 0.92, 0.90, 0.90], [0.89, 0.91, 0.92, 0.93])),
-            dict(results=rows([0.97, 0.96, 0.99, 0.98], [0.98, 0.97, 0.95, 0.99]))]
+            dict(results=rows([0.97, 0.96, 0.99, 0.98], [0.98, 0.97, 0.95, 0.99])),
+            # a tie in validation RMSE where the later configuration has the lower TEST RMSE: only
+            # the stated tie rule (first listed) picks index 1; a test-RMSE tie-break picks 2
+            dict(results=rows([0.93, 0.92, 0.92, 0.95], [0.90, 0.94, 0.91, 0.93]))]
+
+
+def _config_mistakes():
+    def by_test(results):
+        return min(range(len(results)), key=lambda i: results[i]["test_rmse"])
+
+    def tie_by_test(results):
+        return min(range(len(results)), key=lambda i: (results[i]["val_rmse"], results[i]["test_rmse"]))
+
+    def largest(results):
+        return max(range(len(results)), key=lambda i: results[i]["val_rmse"])
+
+    def last_of_ties(results):
+        return max(range(len(results)), key=lambda i: (-results[i]["val_rmse"], i))
+
+    return [
+        (by_test, "you chose by TEST RMSE: that makes the reported test score optimistic. Choose on "
+                  "the validation split carved from the training data; test once."),
+        (tie_by_test, "you broke a tie in validation RMSE with TEST RMSE: that is still choosing on "
+                      "the test set. Break ties by a rule fixed in advance (the first listed)."),
+        (largest, "you chose the LARGEST validation RMSE: a lower RMSE is better."),
+        (last_of_ties, "on a tie in validation RMSE keep the FIRST configuration listed (an explicit, "
+                       "reproducible tie rule)."),
+    ]
 
 
 def choose_config(attempt) -> Feedback:
     """Check ``attempt(results)``: the index of the configuration to report.
 
     ``results`` is a list of dicts with ``dim``, ``reg``, ``val_rmse`` and ``test_rmse``; the
-    answer is chosen on validation data only, ties going to the first listed configuration.
+    answer is chosen on validation data only, ties going to the first listed configuration. One
+    hidden case has a validation tie whose later member has the lower test RMSE, so an attempt
+    that consults ``test_rmse`` anywhere (even only to break ties) fails.
     """
     return grade("choose_config", attempt, reference=choose_config_solution, cases=_config_cases(),
-                 mistakes=[
-                     (lambda results: min(range(len(results)), key=lambda i: results[i]["test_rmse"]),
-                      "you chose by TEST RMSE: that makes the reported test score optimistic. Choose "
-                      "on the validation split carved from the training data; test once."),
-                     (lambda results: max(range(len(results)), key=lambda i: results[i]["val_rmse"]),
-                      "you chose the LARGEST validation RMSE: a lower RMSE is better."),
-                     (lambda results: max(range(len(results)),
-                                          key=lambda i: (-results[i]["val_rmse"], i)),
-                      "on a tie in validation RMSE keep the FIRST configuration listed (an explicit, "
-                      "reproducible tie rule)."),
-                 ], praise="Chosen on validation data; the test set stays untouched.")
+                 mistakes=_config_mistakes(),
+                 praise="Chosen on validation data with a fixed tie rule; the test set stays "
+                        "untouched.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -254,22 +254,54 @@ def roc_auc(attempt) -> Feedback:
 
 
 def tpr_bound_solution(epsilon, delta, fpr):
-    """The largest TPR an attack on an (ε, δ)-DP model can have at ``fpr``: min(1, e^ε·FPR + δ)."""
-    return min(1.0, math.exp(epsilon) * fpr + delta)
+    """The largest TPR an attack on an (ε, δ)-DP model can reach at ``fpr`` (tight, two-sided).
+
+    (ε, δ)-DP bounds both error rates of any test between neighbouring data sets (Kairouz, Oh and
+    Viswanath 2015, Theorem 2.1): TPR ≤ e^ε·FPR + δ, and the miss rate FNR = 1 − TPR ≥
+    e^{−ε}(1 − δ − FPR). So TPR ≤ min(1, e^ε·FPR + δ, 1 − e^{−ε}(1 − δ − FPR)); the second bound
+    is the binding one at large FPR.
+    """
+    return min(1.0, math.exp(epsilon) * fpr + delta,
+               1.0 - math.exp(-epsilon) * (1.0 - delta - fpr))
+
+
+def _tpr_mistakes():
+    def one_sided(epsilon, delta, fpr):
+        return min(1.0, math.exp(epsilon) * fpr + delta)
+
+    def no_delta(epsilon, delta, fpr):
+        return min(1.0, math.exp(epsilon) * fpr, 1.0 - math.exp(-epsilon) * (1.0 - fpr))
+
+    def uncapped(epsilon, delta, fpr):
+        return math.exp(epsilon) * fpr + delta
+
+    def linear(epsilon, delta, fpr):
+        return min(1.0, (1 + epsilon) * fpr + delta, 1.0 - (1.0 - delta - fpr) / (1 + epsilon))
+
+    return [
+        (one_sided, "min(1, e^ε·FPR + δ) is valid but not the largest reachable TPR: (ε, δ)-DP also "
+                    "bounds the miss rate, 1 − TPR ≥ e^(−ε)(1 − δ − FPR); take the smaller bound."),
+        (no_delta, "add δ: an (ε, δ)-DP guarantee allows TPR ≤ e^ε·FPR + δ (and the miss-rate bound "
+                   "uses 1 − δ − FPR)."),
+        (uncapped, "a rate is at most 1, and (ε, δ)-DP also bounds the miss rate: "
+                   "TPR ≤ min(1, e^ε·FPR + δ, 1 − e^(−ε)(1 − δ − FPR))."),
+        (linear, "1 + ε is e^ε only for tiny ε; use the exact e^ε."),
+    ]
 
 
 def tpr_bound(attempt) -> Feedback:
-    """Check ``attempt(epsilon, delta, fpr)``: the DP cap on a membership attack's true-positive rate."""
+    """Check ``attempt(epsilon, delta, fpr)``: the DP cap on a membership attack's true-positive rate.
+
+    The hidden cases include large false-positive rates, where the miss-rate side of the
+    (ε, δ)-DP region is the binding constraint (see :func:`tpr_bound_solution`).
+    """
     cases = [dict(epsilon=1.0, delta=1e-5, fpr=0.01), dict(epsilon=4.0, delta=1e-5, fpr=0.001),
-             dict(epsilon=8.0, delta=1e-7, fpr=0.01), dict(epsilon=0.5, delta=0.001, fpr=0.1)]
-    return grade("tpr_bound", attempt, reference=tpr_bound_solution, cases=cases, mistakes=[
-        (lambda epsilon, delta, fpr: min(1.0, math.exp(epsilon) * fpr),
-         "add δ: an (ε, δ)-DP guarantee allows TPR ≤ e^ε·FPR + δ."),
-        (lambda epsilon, delta, fpr: math.exp(epsilon) * fpr + delta,
-         "a rate is at most 1: cap the bound with min(1, ·) (at ε = 8 the bound is vacuous)."),
-        (lambda epsilon, delta, fpr: min(1.0, (1 + epsilon) * fpr + delta),
-         "1 + ε is e^ε only for tiny ε; use the exact e^ε."),
-    ], praise="At large ε the cap is vacuous: DP then promises nothing an attack can see.")
+             dict(epsilon=8.0, delta=1e-7, fpr=0.01), dict(epsilon=0.5, delta=0.001, fpr=0.1),
+             dict(epsilon=1.0, delta=1e-5, fpr=0.5), dict(epsilon=2.0, delta=1e-5, fpr=0.3)]
+    return grade("tpr_bound", attempt, reference=tpr_bound_solution, cases=cases,
+                 mistakes=_tpr_mistakes(),
+                 praise="Both sides of the (ε, δ) region; at large ε the cap is vacuous: DP then "
+                        "promises nothing an attack can see.")
 
 
 FEDERATED_SOLUTIONS = {"fedavg": fedavg_solution, "fedavgm_step": fedavgm_step_solution,

@@ -36,7 +36,8 @@ _SCRIPT = r"""
   const metricSelect = root.querySelector('select[name="metric"]');
   const svg = root.querySelector('svg');
   const readout = root.querySelector('.privrec-readout');
-  const W = 560, H = 300, L = 60, R = 16, T = 14, B = 40;
+  const legend = root.querySelector('.privrec-legend');
+  const W = 680, H = 340, L = 64, R = 56, T = 14, B = 44;
   const NS = 'http://www.w3.org/2000/svg';
   function value(name) { return spec.values[name][Number(controls[name].value)]; }
   function label(v) { return v === null ? '\u221e' : String(v); }
@@ -87,10 +88,11 @@ _SCRIPT = r"""
       if (ref[metric] === undefined) continue;
       el('line', {x1: L, y1: yOf(ref[metric]), x2: W - R, y2: yOf(ref[metric]),
                   stroke: '#888', 'stroke-dasharray': '5,4'});
-      el('text', {x: W - R - 4, y: yOf(ref[metric]) - 4, 'text-anchor': 'end', 'font-size': 10,
-                  fill: '#666'}, ref.label);
+      el('text', {x: W - R - 4, y: yOf(ref[metric]) - 4, 'text-anchor': 'end', 'font-size': 11,
+                  fill: '#555'}, ref.label);
     }
     const seriesValues = spec.series ? spec.values[spec.series] : [null];
+    const tags = [];
     for (const s of seriesValues) {
       const pts = spec.values.epsilon.map(e => {
         const want = Object.assign({}, fixed, {epsilon: e});
@@ -100,7 +102,17 @@ _SCRIPT = r"""
       }).filter(p => p !== null);
       const selected = s === series;
       el('polyline', {points: pts.map(p => p.join(',')).join(' '), fill: 'none',
-                      stroke: selected ? '#1f77b4' : '#bbb', 'stroke-width': selected ? 3 : 1.2});
+                      stroke: selected ? '#1f77b4' : '#999', 'stroke-width': selected ? 3 : 1.2});
+      if (spec.series && pts.length) tags.push({y: pts[0][1], x: pts[0][0], s, selected});
+    }
+    // Label each line with its series value at its left end (smallest ε, where the lines are
+    // furthest apart), pushing labels apart so that none overlaps another.
+    tags.sort((a, b) => a.y - b.y);
+    for (let k = 1; k < tags.length; k++) tags[k].y = Math.max(tags[k].y, tags[k - 1].y + 13);
+    for (const t of tags) {
+      el('text', {x: t.x + 6, y: t.y - 5, 'font-size': 12, fill: t.selected ? '#1f77b4' : '#555',
+                  'font-weight': t.selected ? 'bold' : 'normal', class: 'privrec-series-label'},
+         label(t.s));
     }
     const want = Object.assign({}, fixed, {epsilon: eps});
     if (spec.series) want[spec.series] = series;
@@ -113,6 +125,10 @@ _SCRIPT = r"""
         (rec.note ? '   ' + rec.note : '');
     } else {
       readout.textContent = 'no result for this configuration';
+    }
+    if (spec.series) {
+      legend.textContent = 'One line per ' + spec.seriesLabel + ' (bold blue: the selected ' +
+        spec.seriesLabel + ' = ' + label(series) + '; grey: the other values); red dot: the selected ε.';
     }
     root.dataset.selected = JSON.stringify(rec || null);
   }
@@ -171,7 +187,7 @@ def _sliders(values: dict[str, list], labels: Mapping[str, str],
     return "".join(html_parts)
 
 
-def _assemble(spec: dict, root_id: str, sliders: str, title: str) -> str:
+def _assemble(spec: dict, root_id: str, sliders: str, title: str, alt: str) -> str:
     """The explorer's ``<div>``: heading, sliders, metric menu, SVG, read-out, data and script."""
     metric_options = "".join(f'<option value="{html.escape(k)}">{html.escape(v)}</option>'
                              for k, v in spec["metricLabels"].items())
@@ -179,15 +195,26 @@ def _assemble(spec: dict, root_id: str, sliders: str, title: str) -> str:
     script = _SCRIPT.replace("ROOT_ID", json.dumps(root_id))
     return (
         f'<div id="{root_id}" class="privrec-explorer" style="font-family:sans-serif;'
-        f'font-size:13px;max-width:600px">'
+        f'font-size:13px;max-width:688px">'
         + (f"<strong>{html.escape(title)}</strong><br>" if title else "")
         + sliders
-        + f'<label>metric <select name="metric">{metric_options}</select></label>'
-        + '<svg width="560" height="300" role="img" aria-label="privacy-utility chart"></svg>'
-        + '<div class="privrec-readout" style="font-family:monospace"></div>'
+        + '<label style="display:inline-block;white-space:nowrap">metric '
+        + f'<select name="metric">{metric_options}</select></label>'
+        + f'<svg viewBox="0 0 680 340" width="100%" role="img" aria-label="{html.escape(alt)}" '
+        + 'style="max-width:680px;height:auto;display:block"></svg>'
+        + '<div class="privrec-legend" style="font-size:13px;color:#444"></div>'
+        + '<div class="privrec-readout" style="font-family:monospace;white-space:pre-wrap"></div>'
         + f'<script type="application/json">{payload}</script>'
         + f"<script>{script}</script></div>"
     )
+
+
+def _default_alt(metrics: Mapping[str, str], epsilon_label: str, series_label: str) -> str:
+    """What the chart shows, for its ``aria-label``."""
+    return (f"Line chart of {' or '.join(metrics.values())} (menu) against {epsilon_label}"
+            + (f", one line per {series_label}" if series_label else "")
+            + "; the selected configuration is marked with a red dot and its numbers are "
+              "printed below.")
 
 
 def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence[str],
@@ -195,15 +222,14 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
                   references: Sequence[Mapping[str, object]] = (),
                   control_labels: Mapping[str, str] | None = None,
                   initial: Mapping[str, object] | None = None, title: str = "",
-                  epsilon_label: str = "ε") -> str:
+                  epsilon_label: str = "ε", alt: str | None = None) -> str:
     """HTML for an offline explorer of ``records`` (one dict per configuration).
 
     Parameters
     ----------
     records:
-        Each has a value for every name in ``controls`` (``epsilon`` first; ``math.inf`` means
-        non-private) and a number for every key of ``metrics``; an optional ``note`` string is
-        shown in the read-out.
+        A value per ``controls`` name (``math.inf`` = non-private) and a number per ``metrics``
+        key; an optional ``note`` string is shown in the read-out.
     controls:
         Names of the configuration fields that get a slider; must start with ``"epsilon"``.
     metrics:
@@ -217,6 +243,8 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
     epsilon_label:
         The label of the :math:`\\varepsilon` axis; name the privacy unit and :math:`\\delta`
         (e.g. ``"user-level ε (δ = 1e-5)"``).
+    alt:
+        The chart's description (its ``aria-label``); default: metric, ε axis, series, marks.
 
     Returns
     -------
@@ -226,12 +254,12 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
     Raises
     ------
     ValueError
-        For no records, controls not starting with ``"epsilon"``, a series that is not a control,
-        no metrics, a record lacking a control or metric, two records with the same values of
-        every control, or an initial value that no record has.
+        For no records or metrics, controls not starting with ``"epsilon"``, a series that is not
+        a control, a record lacking a field, a repeated configuration, an unknown initial value.
     """
     controls = list(controls)
     _check_records(records, controls, metrics, series)
+    labels = {c: c for c in controls} | dict(control_labels or {})
     # Distinct values (a set), so the order is total: ascending, non-private (None) last.
     values = {c: sorted({_finite_json(rec[c]) for rec in records},
                         key=lambda v: (v is None, 0 if v is None else v)) for c in controls}
@@ -239,9 +267,10 @@ def explorer_html(records: Sequence[Mapping[str, object]], *, controls: Sequence
             "values": values, "series": series,
             "fixed": [c for c in controls if c not in ("epsilon", series)],
             "metricLabels": dict(metrics), "readout": list(metrics),
-            "references": [dict(r) for r in references], "epsilonLabel": str(epsilon_label)}
+            "references": [dict(r) for r in references], "epsilonLabel": str(epsilon_label),
+            "seriesLabel": labels[series] if series else ""}
     digest = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(spec, sort_keys=True)).hex[:12]
     root_id = f"privrec-explorer-{digest}"
-    sliders = _sliders(values, {c: c for c in controls} | dict(control_labels or {}),
-                       {c: records[0][c] for c in controls} | dict(initial or {}))
-    return _assemble(spec, root_id, sliders, title)
+    sliders = _sliders(values, labels, {c: records[0][c] for c in controls} | dict(initial or {}))
+    return _assemble(spec, root_id, sliders, title,
+                     alt or _default_alt(metrics, str(epsilon_label), labels[series] if series else ""))
