@@ -30,7 +30,7 @@ CORE_TERMS = {
     "secure aggregation": ("安全聚合", ("安全汇聚", "安全汇总")),
     "membership inference": ("成员推断", ("成员推理", "成员资格推断")),
     "privacy ledger": ("隐私账本", ("隐私台账",)),
-    "clipping": ("裁剪", ("剪裁", "截断")),
+    "clipping": ("裁剪", ("剪裁",)),  # 值域截断 is clamping, a different glossary term
 }
 CJK = re.compile(r"[\u4e00-\u9fff]")
 CODE_OR_MATH = re.compile(r"```.*?```|`[^`]*`|\$\$.*?\$\$|\$[^$]*\$|\{[a-z]+\}`[^`]*`|<[^>]+>|\(http[^)]*\)",
