@@ -20,6 +20,8 @@ Usage::
     python tools/zh_edition.py skeleton PATH      # the page's store file, every missing or stale unit
                                                   # as "TODO-EN" + English text, to translate in place
     python tools/zh_edition.py build OUT          # the Chinese book's sources in OUT (jupyter-book build OUT)
+    python tools/zh_edition.py accept PATH UNIT   # after checking that a stale translation still says
+                                                  # what the changed English says: record the new hash
     python tools/zh_edition.py preview OUT        # the same, English text where a translation is missing
                                                   # (a translator's check that the pages build; never CI)
 """
@@ -164,6 +166,18 @@ def skeleton(relpath: str, store: Path = STORE) -> Path:
     return path
 
 
+def accept(relpath: str, uid: str, store: Path = STORE) -> None:
+    """Re-stamp one unit's translation with the current English hash (a reviewer's decision that the
+    translation still matches the changed English; the store file is otherwise unchanged)."""
+    text = dict(units_of(relpath))[uid]
+    path = store_path(relpath, store)
+    pattern = re.compile(rf"^<!-- zh-unit: {re.escape(uid)} en-sha: [0-9a-f]{{12}} -->", re.M)
+    source = path.read_text()
+    if not pattern.search(source):
+        raise SystemExit(f"{relpath}: no translation of unit {uid} to accept")
+    path.write_text(pattern.sub(f"<!-- zh-unit: {uid} en-sha: {unit_hash(text)} -->", source))
+
+
 def _zh_notebook(relpath: str, zh: dict[str, tuple[str, str]]) -> dict:
     nb = json.loads((ROOT / relpath).read_text())
     for cell in nb["cells"]:
@@ -237,6 +251,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["show"] and len(argv) == 3:
         text = dict(units_of(argv[1]))[argv[2]]
         print(f"<!-- zh-unit: {argv[2]} en-sha: {unit_hash(text)} -->\n{text}")
+        return 0
+    if argv[:1] == ["accept"] and len(argv) == 3:
+        accept(argv[1], argv[2])
         return 0
     if argv[:1] == ["skeleton"] and len(argv) == 2:
         print(skeleton(argv[1]))
