@@ -57,7 +57,7 @@ def step_summary(section: dict) -> list[str]:
     lines = textwrap.wrap(", ".join(f"{k} {v}" for k, v in section["config"].items()), width=80)
     for row in section["rows"]:
         if isinstance(row.get("error"), str):
-            lines.append(f"{row['step']}: not run ({row['error'][:70]})")
+            lines.append(textwrap.shorten(f"{row['step']}: not run ({row['error']})", width=80))
     ratio = {k: v for k, v in section.get("ratio_vs_privrec", {}).items() if k != "no privacy"}
     fastest = section.get("fastest_opacus") or (min(ratio, key=ratio.get) if ratio else None)
     if fastest is not None:
@@ -68,6 +68,9 @@ def step_summary(section: dict) -> list[str]:
 def accountant_table(section: dict) -> pd.DataFrame:
     """Calls per second, ms per call and the ε each accountant reports for the same composition."""
     rows = pd.DataFrame(section["rows"]).set_index("accountant")
+    rows.index = [name.replace("privrec get_epsilon, ", "privrec, ").replace("RDPAccountant", "RDP")
+                  .replace("DEFAULT_ORDERS", "default").replace("OPACUS_ORDERS", "Opacus orders")
+                  for name in rows.index]
     return rows[["calls_per_s", "ms_per_call", "epsilon"]].rename(
         columns={"calls_per_s": "calls / s", "ms_per_call": "ms / call", "epsilon": "ε"})
 
@@ -126,7 +129,7 @@ def exercise_answers(results: dict) -> list[str]:
     dp = results["dpsgd"]
     ms = {r["step"]: r["ms"] for r in dp["rows"]}
     acc = {r["accountant"]: r["ms_per_call"] for r in results["accountant"]["rows"]}
-    default = next(n for n in acc if n.startswith("privrec get_epsilon, DEFAULT"))
+    default = next(n for n in acc if n.startswith("privrec get_epsilon, DEFAULT"))  # raw names
     pld = next(n for n in acc if "PLD" in n)
     fastest = dp["fastest_opacus"]
     return [f"1. {last['seconds']:.1f} s x (1e8 / {last['ratings']:.3g})^{k:.2f} = "
