@@ -24,6 +24,7 @@ is the ratio :math:`\\sigma / \\Delta_2` of the noise standard deviation to the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -239,6 +240,19 @@ def _rdp_one_order(q: float, sigma: float, alpha: float) -> float:
 
 
 def _rdp_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """One-step RDP at every order (a fresh array; memoised: a calibration asks for the same
+    (q, sigma) many times, and every ledger evaluates the same grid of orders)."""
+    alphas = np.ascontiguousarray(alphas, dtype=np.float64)
+    return _rdp_orders_memo(float(q), float(sigma), alphas.tobytes()).copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_orders_memo(q: float, sigma: float, alpha_bytes: bytes) -> np.ndarray:
+    """:func:`_rdp_orders` for hashable arguments; callers get copies, so the cache cannot change."""
+    return _rdp_orders_uncached(q, sigma, np.frombuffer(alpha_bytes, dtype=np.float64))
+
+
+def _rdp_orders_uncached(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """One-step RDP at every order: integer orders vectorised, fractional ones one by one."""
     if sigma == 0.0 or q == 1.0:
         return np.array([_rdp_one_order(q, sigma, float(a)) for a in alphas])
