@@ -5,8 +5,8 @@ models.
 (a) is the reference. The Flower runs use the same seeds, partition and strategy objects, and feed
 the clients' updates to the strategy in silo order, so their models agree with (a) to float
 rounding. When silos drop out (a killed SuperNode), the reference is (a) with each round's cohort
-restricted to the silos that answered (:class:`RealisedCohort`); the DP noise stream and the ledger
-are then the simulator's own.
+restricted to the silos that answered; the DP noise stream and the ledger are then the simulator's
+own. Every engine runs the one round function :func:`privrec.federated.engine.federated_round`.
 """
 
 from __future__ import annotations
@@ -17,38 +17,35 @@ import time
 import numpy as np
 import torch
 
-from privrec.federated.engine import FederatedSimulator
-from privrec.federated.updates import ClientUpdates
+from privrec.federated.engine import FederatedSimulator, federated_round
 from privrec_flower.task import RunConfig, full_model, make_strategy
 
 
-class RealisedCohort:
-    """A :class:`~privrec.federated.updates.FederatedModel` whose round ``r`` trains only the sampled
-    clients that are in ``realised[r - 1]`` (the silos that answered in a Flower run)."""
-
-    def __init__(self, model, realised: list[list[int]]) -> None:
-        self.model, self.realised, self.calls = model, realised, 0
-        self.n_clients, self.privacy_unit = model.n_clients, model.privacy_unit
-
-    def shared_state(self) -> dict[str, torch.Tensor]:
-        return self.model.shared_state()
-
-    def local_training(self, shared, clients) -> ClientUpdates:
-        keep = torch.as_tensor(self.realised[self.calls], dtype=torch.long)
-        self.calls += 1
-        return self.model.local_training(shared, clients[torch.isin(clients, keep)])
+def _restricted(model, keep: list[int]):
+    """``train_cohort`` of the simulator with the cohort cut to the silos in ``keep``."""
+    def train_cohort(broadcast, clients):
+        chosen = clients[torch.isin(clients, torch.as_tensor(keep, dtype=torch.long))]
+        if len(chosen):
+            yield model.local_training(broadcast, chosen)
+    return train_cohort
 
 
 def simulate(cfg: RunConfig, *, realised: list[list[int]] | None = None) -> tuple[dict, dict]:
-    """Way (a): privrec's :class:`~privrec.federated.engine.FederatedSimulator`, round by round."""
+    """Way (a): privrec's :class:`~privrec.federated.engine.FederatedSimulator`, round by round.
+
+    With ``realised`` (the silos that answered in each round of a Flower run), round ``r`` is the
+    same :func:`~privrec.federated.engine.federated_round` with the cohort cut to
+    ``realised[r - 1]``: same sampling and noise draws, same ledger.
+    """
     model, test = full_model(cfg)
-    engine_model = model if realised is None else RealisedCohort(model, realised)
     strategy = make_strategy(cfg, n_clients=model.n_clients, unit=model.privacy_unit)
-    sim = FederatedSimulator(engine_model, strategy)
+    sim = FederatedSimulator(model, strategy)
     rounds = []
     for r in range(1, int(cfg["num-server-rounds"]) + 1):
         start = time.perf_counter()
-        record = sim.round()
+        record = sim.round() if realised is None else federated_round(
+            sim.shared, strategy, n_clients=model.n_clients, upload=model.upload,
+            train_cohort=_restricted(model, realised[r - 1]), round_number=r)
         rounds.append({"round": r, "sampled": record.clients.tolist(), "bytes_up": record.bytes_up,
                        "bytes_down": record.bytes_down, "seconds": time.perf_counter() - start,
                        "epsilon": sim.ledger.epsilon() if sim.ledger is not None else math.inf})

@@ -1,12 +1,15 @@
-"""The ServerApp: privrec's strategy driving Flower's Grid (article steps 2, 4, 5, 6).
+"""The ServerApp: privrec's round function driving Flower's Grid (article steps 2, 4, 5, 6).
 
-Each round: the privrec strategy samples silos (its seeded generator; DP-FedAvg: Poisson), the
-broadcast goes to those silos' SuperNodes as ``train`` messages, the replies that arrive before
-``round-timeout`` are decoded in silo order and fed to the same ``start``/``accumulate``/
-``finish``/``step`` calls :class:`privrec.federated.engine.FederatedSimulator` makes. A silo whose node is
-gone or silent is dropped from the round (the realised cohort is recorded). For DP-FedAvg the
-noise on the sum, the fixed denominator :math:`qN` and the ledger entry do not depend on who
-answered, so the ledger stays valid for any realised cohort (a smaller cohort only loses signal).
+Each round is :func:`privrec.federated.engine.federated_round` -- the function the simulator's
+``FederatedSimulator.round`` calls -- with the strategy the simulator uses. Only step 3, training
+the sampled clients (``train_cohort``), is Flower's: the broadcast goes to those silos'
+SuperNodes as ``train`` messages and the replies that arrive before ``round-timeout`` come back
+decoded in silo order. A silo whose node is gone or silent is absent from the round (the realised
+cohort is recorded). With ``secagg=true`` (DP-FedAvg only) the replies are masked: Flower's
+SecAgg+ workflow returns only their sum, which the round receives as equal shares
+(:mod:`privrec_flower.secure`). For DP-FedAvg the noise on the sum, the fixed denominator
+:math:`qN` and the ledger entry do not depend on who answered, so the ledger stays valid for any
+realised cohort (a smaller cohort only loses signal).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from privrec.federated.engine import wire_bytes
+from privrec.federated.engine import federated_round
 from privrec.federated.updates import ClientUpdates
+from privrec_flower.secure import as_equal_shares, secure_sum
 from privrec_flower.task import (
     RunConfig,
     decode_update,
@@ -31,23 +35,8 @@ from privrec_flower.task import (
     make_strategy,
     record_bytes,
 )
-
-
-def exchange(grid: Grid, messages: list[Message], *, timeout: float,
-             poll: float) -> tuple[list[Message], int]:
-    """Push ``messages``, pull replies every ``poll`` s until all came or ``timeout`` s passed.
-
-    Returns the replies (content or error) and the number of messages left unanswered.
-    """
-    waiting = set(grid.push_messages(messages))
-    replies, deadline = [], time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        got = list(grid.pull_messages(waiting))
-        replies += got
-        waiting -= {m.metadata.reply_to_message_id for m in got}
-        if waiting:
-            time.sleep(poll)
-    return replies, len(waiting)
+from privrec_flower.timing import STAMPS, breakdown
+from privrec_flower.transport import exchange, set_pull_backoff
 
 
 def discover(grid: Grid, cfg: RunConfig) -> dict[int, int]:
@@ -59,8 +48,8 @@ def discover(grid: Grid, cfg: RunConfig) -> dict[int, int]:
                                f"within nodes-timeout={cfg['nodes-timeout']} s")
         time.sleep(0.2)
     asks = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
-    replies, _ = exchange(grid, asks, timeout=float(cfg["nodes-timeout"]),
-                          poll=float(cfg["poll-interval"]))
+    replies, _, _ = exchange(grid, asks, timeout=float(cfg["nodes-timeout"]),
+                             poll=float(cfg["poll-interval"]))
     silos = {int(m.content["node"]["partition-id"]): m.metadata.src_node_id
              for m in replies if m.has_content()}
     if sorted(silos) != list(range(k)):
@@ -68,51 +57,93 @@ def discover(grid: Grid, cfg: RunConfig) -> dict[int, int]:
     return silos
 
 
-def _gate(cfg: RunConfig, server_round: int) -> None:
-    """Test hook: with ``gate-dir`` set, announce each finished round and wait for ``go-<r>``."""
+def gate(cfg: RunConfig, tag: str) -> None:
+    """Test hook: with ``gate-dir`` set, announce ``at-<tag>`` and wait for ``go-<tag>``."""
     if not cfg["gate-dir"]:
         return
-    gate = Path(str(cfg["gate-dir"]))
-    (gate / f"done-{server_round - 1}").touch()
+    folder = Path(str(cfg["gate-dir"]))
+    (folder / f"at-{tag}").touch()
     deadline = time.monotonic() + float(cfg["nodes-timeout"])
-    while not (gate / f"go-{server_round}").exists():
+    while not (folder / f"go-{tag}").exists():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no go-{server_round} in gate-dir {gate}")
-        time.sleep(0.05)
+            raise TimeoutError(f"no go-{tag} in gate-dir {folder}")
+        time.sleep(0.02)
 
 
-def train_round(grid: Grid, cfg: RunConfig, strategy, shared: dict[str, torch.Tensor],
-                silos: dict[int, int], server_round: int) -> dict:
-    """One round (steps 2-5); returns its record: cohort, realised cohort, bytes, seconds."""
-    start = time.perf_counter()
-    sampled = [int(c) for c in strategy.sample(len(silos))]
-    live = set(grid.get_node_ids())
-    silo_of = {node: silo for silo, node in silos.items()}
-    messages = [Message(RecordDict({"shared": encode_state(shared),
+def _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info):
+    """Step 3 in the clear: ``train`` messages out, decoded sparse updates back (silo order)."""
+    messages = [Message(RecordDict({"shared": encode_state(broadcast),
                                     "config": ConfigRecord({"server-round": server_round})}),
-                        dst_node_id=silos[s], message_type="train", group_id=str(server_round),
-                        ttl=max(float(cfg["round-timeout"]), 10.0))
-                for s in sampled if silos[s] in live]
-    replies, silent = exchange(grid, messages, timeout=float(cfg["round-timeout"]),
-                               poll=float(cfg["poll-interval"]))
+                        dst_node_id=n, message_type="train", group_id=str(server_round),
+                        ttl=max(float(cfg["round-timeout"]), 10.0)) for n in nodes]
+    info["bytes_down"] = sum(record_bytes(m.content) for m in messages)
+    info["pushed"] = time.time()
+    replies, info["silent"], got_at = exchange(grid, messages, timeout=float(cfg["round-timeout"]),
+                                               poll=float(cfg["poll-interval"]))
     good = sorted((silo_of[m.metadata.src_node_id], m) for m in replies if m.has_content())
-    updates = [decode_update(m.content, silo) for silo, m in good]
-    total = strategy.start(shared)
-    if updates:
-        strategy.accumulate(total, ClientUpdates.concat(updates))
-    strategy.step(shared, strategy.finish(total))
-    if not all(bool(torch.isfinite(v).all()) for v in shared.values()):
-        raise RuntimeError(f"training diverged in round {server_round}")
-    shapes = {k: v.shape for k, v in shared.items()}
-    down = record_bytes(RecordDict({"shared": encode_state(shared)})) * len(messages)
+    info["errors"] = sum(m.has_error() for m in replies)
+    info["bytes_up"] = sum(record_bytes(m.content) for _, m in good)
+    info["updates_seen"] = len(good)            # individual updates the ServerApp decoded
+    if good:
+        last = max((m for _, m in good), key=lambda m: got_at[m.metadata.reply_to_message_id])
+        info["last"] = ({k: float(last.content["metrics"][k]) for k in STAMPS},
+                        got_at[last.metadata.reply_to_message_id])
+        yield ClientUpdates.concat([decode_update(m.content, silo) for silo, m in good])
+
+
+def _secure_cohort(grid, context, cfg, broadcast, nodes, silo_of, server_round, info):
+    """Step 3 under SecAgg+: the ServerApp receives only the sum of the clipped uploads."""
+    info["updates_seen"] = 0                    # only the masked sum reaches the ServerApp
+    if len(nodes) < 2:                     # SecAgg+ cannot hide one upload: aggregate none
+        info.update(errors=0, silent=0, bytes_down=0, bytes_up=0, stages=[])
+        return
+    total, realised, stages = secure_sum(
+        grid, context, cfg, broadcast, nodes, server_round,
+        after_stage=lambda i: gate(cfg, f"keys-{server_round}") if i == 1 else None)
+    info.update(stages=stages, errors=0, silent=stages[2]["silent"],
+                bytes_down=sum(s["bytes_down"] for s in stages),
+                bytes_up=sum(s["bytes_up"] for s in stages))
+    yield as_equal_shares(total, sorted(silo_of[n] for n in realised))
+
+
+def deployed_round(grid: Grid, context: Context, cfg: RunConfig, strategy,
+                   shared: dict[str, torch.Tensor], silos: dict[int, int],
+                   server_round: int) -> dict:
+    """One round through :func:`~privrec.federated.engine.federated_round`; its record."""
+    started, info = time.time(), {}
+    silo_of = {node: silo for silo, node in silos.items()}
+
+    def train_cohort(broadcast, clients):
+        live = set(grid.get_node_ids())
+        nodes = [silos[int(c)] for c in clients if silos[int(c)] in live]
+        if cfg["secagg"]:
+            return _secure_cohort(grid, context, cfg, broadcast, nodes, silo_of, server_round,
+                                  info)
+        return _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info)
+
+    record = federated_round(shared, strategy, n_clients=len(silos), train_cohort=train_cohort,
+                             upload="dense" if cfg["secagg"] else "sparse",
+                             round_number=server_round)
+    return _round_record(record, info, strategy, server_round, started, time.time())
+
+
+def _round_record(record, info: dict, strategy, server_round: int, started: float,
+                  ended: float) -> dict:
+    """What the deployment adds to privrec's ``RoundRecord``: realised cohort, Flower's bytes,
+    seconds, ε so far, and where the seconds went."""
     ledger = getattr(strategy, "ledger", None)
-    return {"round": server_round, "sampled": sampled, "realised": [s for s, _ in good],
-            "errors": sum(m.has_error() for m in replies), "silent": silent,
-            "bytes_down": down, "bytes_up": sum(record_bytes(m.content) for _, m in good),
-            "privrec_bytes_up": wire_bytes(ClientUpdates.concat(updates), shapes)[0]
-            if updates else 0,
-            "seconds": time.perf_counter() - start,
-            "epsilon": ledger.epsilon() if ledger is not None else math.inf}
+    out = {"round": server_round, "sampled": record.clients.tolist(),
+           "realised": sorted(record.realised.tolist()), "errors": info.get("errors", 0),
+           "silent": info.get("silent", 0), "bytes_down": info.get("bytes_down", 0),
+           "bytes_up": info.get("bytes_up", 0), "privrec_bytes_up": record.bytes_up,
+           "updates_seen": info.get("updates_seen", 0), "seconds": ended - started,
+           "epsilon": ledger.epsilon() if ledger is not None else math.inf}
+    if "last" in info:
+        out["breakdown"] = breakdown(started=started, pushed=info["pushed"], stamps=info["last"][0],
+                                     got=info["last"][1], ended=ended)
+    if "stages" in info:
+        out["stages"] = info["stages"]
+    return out
 
 
 def federated_rmse(grid: Grid, cfg: RunConfig, shared: dict[str, torch.Tensor],
@@ -121,26 +152,30 @@ def federated_rmse(grid: Grid, cfg: RunConfig, shared: dict[str, torch.Tensor],
     live = set(grid.get_node_ids())
     messages = [Message(RecordDict({"shared": encode_state(shared)}), dst_node_id=n,
                         message_type="evaluate") for n in silos.values() if n in live]
-    replies, _ = exchange(grid, messages, timeout=float(cfg["round-timeout"]),
-                          poll=float(cfg["poll-interval"]))
+    replies, _, _ = exchange(grid, messages, timeout=float(cfg["round-timeout"]),
+                             poll=float(cfg["poll-interval"]))
     metrics = [m.content["metrics"] for m in replies if m.has_content()]
     n = sum(int(m["n"]) for m in metrics)
     return math.sqrt(sum(float(m["sse"]) for m in metrics) / n) if n else math.nan
 
 
-def run_rounds(grid: Grid, cfg: RunConfig, *, say=print) -> tuple[dict, dict[str, torch.Tensor]]:
+def run_rounds(grid: Grid, context: Context, cfg: RunConfig, *,
+               say=print) -> tuple[dict, dict[str, torch.Tensor]]:
     """The whole run: discover silos, ``num-server-rounds`` rounds, optional evaluation."""
+    if cfg["secagg"] and not cfg["dp"]:
+        raise ValueError("secagg=true needs dp=true: SecAgg+ carries DP-FedAvg's uniform sum of "
+                         "clipped updates (FedAvg's per-row weights would have to be revealed)")
     silos = discover(grid, cfg)
     strategy = make_strategy(cfg, n_clients=len(silos), unit="silo")
     shared = initial_shared(cfg)
     rounds, start = [], time.perf_counter()
     for r in range(1, int(cfg["num-server-rounds"]) + 1):
-        _gate(cfg, r)
-        rounds.append(train_round(grid, cfg, strategy, shared, silos, r))
+        gate(cfg, f"round-{r}")
+        rounds.append(deployed_round(grid, context, cfg, strategy, shared, silos, r))
         say("[round {round}] sampled={sampled} realised={realised} errors={errors} "
             "silent={silent} up={bytes_up} B (privrec count {privrec_bytes_up} B) "
             "down={bytes_down} B {seconds:.3f} s epsilon={epsilon:.3g}".format(**rounds[-1]))
-    _gate(cfg, int(cfg["num-server-rounds"]) + 1)
+    gate(cfg, f"round-{int(cfg['num-server-rounds']) + 1}")
     ledger = getattr(strategy, "ledger", None)
     result = {"status": "ok", "config": cfg.values, "strategy": repr(strategy), "rounds": rounds,
               "seconds": time.perf_counter() - start,
@@ -167,8 +202,9 @@ def main(grid: Grid, context: Context, overrides: dict) -> None:
     """Flower's entry point: run, then write the result (also a failure) to ``out-dir``."""
     cfg = RunConfig.of(context.run_config, **overrides)
     torch.set_num_threads(1)
+    set_pull_backoff(float(cfg["pull-backoff"]))
     try:
-        result, shared = run_rounds(grid, cfg)
+        result, shared = run_rounds(grid, context, cfg)
     except Exception as err:
         if cfg["out-dir"]:
             write_result(str(cfg["out-dir"]), {"status": "failed",
@@ -176,7 +212,6 @@ def main(grid: Grid, context: Context, overrides: dict) -> None:
         raise
     if cfg["out-dir"]:
         write_result(str(cfg["out-dir"]), result, shared)
-
 
 
 def make_server_app(**overrides) -> ServerApp:

@@ -4,25 +4,28 @@ server's strategy, and the codecs between privrec's tensors and Flower's records
 Nothing here re-implements training or aggregation: a client calls
 :meth:`privrec.federated.engine.FederatedMF.local_training`, the server calls the
 :mod:`privrec.federated.strategies` / :class:`privrec.federated.dpfedavg.DPFedAvg` objects
-the simulator calls.
+the simulator calls, and both start from :func:`privrec.federated.mf.initial_shared_state`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from privrec.federated.dpfedavg import DPFedAvg
-from privrec.federated.engine import PUBLIC_GLOBAL_MEAN, FederatedMF
+from privrec.federated.engine import FederatedMF
+from privrec.federated.mf import initial_shared_state
 from privrec.federated.partitions import Partition, iid_partition
 from privrec.federated.strategies import FedAvg, FedAvgM
 from privrec.federated.updates import ClientUpdates, RowUpdates
 from privrec.recsys.data import load_movielens100k, random_split
-from privrec.recsys.models import BiasedMF
 
 #: The app's defaults (the same keys as ``[tool.flwr.app.config]`` in ``flower/pyproject.toml``;
 #: ``tests/test_flower_deploy.py`` checks that both agree).
@@ -32,8 +35,14 @@ DEFAULTS: dict[str, object] = {
     "dp": False, "sample-rate": 0.8, "clip-norm": 0.5, "noise-multiplier": 1.0,
     "dim": 8, "local-epochs": 1, "local-lr": 0.5, "seed": 0, "test-fraction": 0.2,
     "evaluate": True, "round-timeout": 30.0, "poll-interval": 0.05, "nodes-timeout": 120.0,
+    "pull-backoff": 0.05, "secagg": False, "secagg-shares": 3, "secagg-threshold": 2,
+    "secagg-bits": 22,
     "out-dir": "", "gate-dir": "",
 }
+
+
+#: The run-config values a silo's data file depends on.
+SILO_FILE_KEYS = ("n-users", "n-items", "num-partitions", "seed", "test-fraction")
 
 
 @dataclass(frozen=True)
@@ -77,19 +86,57 @@ def partition_of(cfg: RunConfig) -> Partition:
     return iid_partition(int(cfg["n-users"]), int(cfg["num-partitions"]), seed=int(cfg["seed"]))
 
 
-def silo_data(cfg: RunConfig, silo: int) -> tuple[FederatedMF, pd.DataFrame]:
+def silo_split(cfg: RunConfig, silo: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Silo ``silo``'s own train and test ratings (its users' rows of the split)."""
+    train, test = load_split(cfg)
+    mine = partition_of(cfg).client_of_user == silo
+    return (train[mine[train["user"].to_numpy()]].reset_index(drop=True),
+            test[mine[test["user"].to_numpy()]].reset_index(drop=True))
+
+
+def _file_key(cfg: RunConfig) -> str:
+    return json.dumps({k: cfg[k] for k in SILO_FILE_KEYS}, sort_keys=True)
+
+
+def write_silo_files(cfg: RunConfig, folder: Path) -> list[Path]:
+    """One ``silo-<k>.npz`` per silo with only that silo's ratings: what each SuperNode's disk
+    holds (its path goes into the node's ``--node-config data-file=...``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for silo in range(int(cfg["num-partitions"])):
+        parts = dict(zip(("train", "test"), silo_split(cfg, silo), strict=True))
+        arrays = {f"{part}/{col}": frame[col].to_numpy() for part, frame in parts.items()
+                  for col in frame.columns}
+        paths.append(folder / f"silo-{silo}.npz")
+        np.savez(paths[-1], key=np.array(_file_key(cfg)), **arrays)
+    return paths
+
+
+def _read_silo_file(cfg: RunConfig, path: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The silo's ratings from its file, or ``None`` if the file was made for another config."""
+    with np.load(path) as data:
+        if str(data["key"]) != _file_key(cfg):
+            return None
+        frames = {}
+        for name in data.files:
+            part, _, col = name.partition("/")
+            if col:
+                frames.setdefault(part, {})[col] = data[name]
+    return pd.DataFrame(frames["train"]), pd.DataFrame(frames["test"])
+
+
+def silo_data(cfg: RunConfig, silo: int, data_file: str | None = None
+              ) -> tuple[FederatedMF, pd.DataFrame]:
     """What SuperNode ``silo`` holds: a FederatedMF over its own users' ratings, its test ratings.
 
-    The other silos' ratings are dropped before the model is built, so they never exist in this
-    process.
+    Read from ``data_file`` (:func:`write_silo_files`) when given and made for this run's seed,
+    split and partition; otherwise cut from ML-100K, dropping the other silos' ratings before
+    the model is built, so they never exist in this process.
     """
-    train, test = load_split(cfg)
-    part = partition_of(cfg)
-    mine = part.client_of_user == silo
-    train = train[mine[train["user"].to_numpy()]].reset_index(drop=True)
-    test = test[mine[test["user"].to_numpy()]].reset_index(drop=True)
+    frames = _read_silo_file(cfg, data_file) if data_file else None
+    train, test = frames if frames is not None else silo_split(cfg, silo)
     model = FederatedMF(train, n_users=int(cfg["n-users"]), n_items=int(cfg["n-items"]),
-                        partition=part, **cfg.model_kwargs())
+                        partition=partition_of(cfg), **cfg.model_kwargs())
     return model, test
 
 
@@ -101,11 +148,10 @@ def full_model(cfg: RunConfig) -> tuple[FederatedMF, pd.DataFrame]:
 
 
 def initial_shared(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The server's initial model: seeded noise and the public global mean (no data), built as
-    :class:`~privrec.federated.engine.FederatedMF` builds it."""
-    init = BiasedMF(int(cfg["n-users"]), int(cfg["n-items"]), int(cfg["dim"]),
-                    global_mean=PUBLIC_GLOBAL_MEAN, init_std=0.1, seed=int(cfg["seed"]))
-    return {name: getattr(init, name).detach().clone() for name in BiasedMF.shared_parameter_names}
+    """The server's initial model: :func:`privrec.federated.mf.initial_shared_state` of the run's
+    public configuration (the simulator's :class:`FederatedMF` starts from the same function)."""
+    return initial_shared_state(n_users=int(cfg["n-users"]), n_items=int(cfg["n-items"]),
+                                dim=int(cfg["dim"]), seed=int(cfg["seed"]))
 
 
 def make_strategy(cfg: RunConfig, *, n_clients: int, unit: str = "silo"):
@@ -176,5 +222,6 @@ def decode_update(content: RecordDict, client: int) -> ClientUpdates:
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message's arrays (Flower's ``ArrayRecord.count_bytes``)."""
-    return sum(r.count_bytes() for r in content.values() if isinstance(r, ArrayRecord))
+    """Payload bytes of a message: every object Flower serialises for it (arrays, records, the
+    byte strings of SecAgg+ keys and masked vectors), without HTTP/TLS framing."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
