@@ -8,8 +8,10 @@ Owns
     (DP-FedAvg as a wrapper around any strategy), :mod:`~privrec.federated.engine` (the one round
     function and the simulator that drives it; the Flower ServerApp drives the same function),
     the federated models -- :mod:`~privrec.federated.mf` with :mod:`~privrec.federated.mf_local`
-    (matrix factorisation: each client's local solve) and :mod:`~privrec.federated.two_tower`
-    (implicit-feedback clients for any two-tower model) -- and :mod:`~privrec.federated.secagg`
+    (matrix factorisation: each client's local solve), :mod:`~privrec.federated.two_tower`
+    (implicit-feedback clients for any two-tower model), :mod:`~privrec.federated.lora` (LoRA and
+    FFA-LoRA clients) and :mod:`~privrec.federated.sequential` (the Transformer's clients) -- and
+    :mod:`~privrec.federated.secagg`
     (secure aggregation, simulated).
 
 May import
