@@ -240,3 +240,15 @@ def test_bad_strategies():
     with pytest.raises(ValueError, match="clients_per_round"):
         wrapper(FedAvg(clients_per_round=5))
     assert cross_device(NU).privacy_unit == "user"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: wrapper().sample("60"), TypeError, "n_clients"),
+    (lambda: wrapper().start([1.0]), TypeError, "shared"),
+    (lambda: wrapper().accumulate(None, crafted(1.0)), TypeError, "total"),
+    (lambda: wrapper().finish(None), TypeError, "total"),
+    (lambda: round_events(1.0, sample_rate=0.1, rounds=3, unit="rating"), ValueError, "unit"),
+])
+def test_calls_name_their_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -13,8 +13,10 @@ from privrec.federated.engine import (
     PUBLIC_GLOBAL_MEAN,
     FederatedMF,
     FederatedSimulator,
+    wire_bytes,
 )
-from privrec.federated.mf_local import sample_fake_items, solve_user_ridge
+from privrec.federated.mf import sample_fake_items
+from privrec.federated.mf_local import RatingStore, solve_user_ridge
 from privrec.federated.partitions import cross_device, dirichlet_genre_partition, iid_partition
 from privrec.federated.strategies import FedAvg, FedAvgM
 from privrec.federated.updates import ClientUpdates
@@ -308,3 +310,65 @@ def test_simulator_rejects_bad_input():
         model(TRAIN.iloc[:0])
     assert ClientUpdates.concat([]) is None
     assert isinstance(pd.DataFrame(), pd.DataFrame)
+
+
+def _shared():
+    return model().shared_state()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: model().local_training([1.0], torch.arange(3)), TypeError, "shared"),
+    (lambda: model().local_training(_shared(), torch.tensor([0.5])), TypeError, "clients"),
+    (lambda: model().local_training(_shared(), torch.tensor([2, 1])), ValueError, "sorted"),
+    (lambda: model().chunks(torch.arange(3), "5"), TypeError, "max_ratings"),
+    (lambda: model().personalise(_shared(), max_ratings=0), ValueError, "max_ratings"),
+    (lambda: model().released_model({"q": 1}), TypeError, "shared"),
+    (lambda: model().evaluate(_shared(), [1]), TypeError, "test"),
+    (lambda: FederatedMF.from_arrays([0], [0], ["a"], n_users=NU, n_items=NI), TypeError,
+     "ratings"),
+    (lambda: FederatedMF.from_arrays([0], [0], [np.inf], n_users=NU, n_items=NI), ValueError,
+     "ratings"),
+    (lambda: wire_bytes([1], {}), TypeError, "updates"),
+    (lambda: wire_bytes(model().local_training(_shared(), torch.arange(2)), [1]), TypeError,
+     "shapes"),
+    (lambda: solve_user_ridge(torch.tensor([0]), torch.tensor([0]), [3.0], n_rows=1,
+                              item_factors=torch.zeros(NI, 2), item_bias=torch.zeros(NI),
+                              global_bias=torch.tensor(3.0), reg=0.1, bias_reg=0.1), TypeError,
+     "ratings"),
+    (lambda: solve_user_ridge(torch.tensor([1]), torch.tensor([0]), torch.ones(1), n_rows=1,
+                              item_factors=torch.zeros(NI, 2), item_bias=torch.zeros(NI),
+                              global_bias=torch.tensor(3.0), reg=0.1, bias_reg=0.1), ValueError,
+     "rows"),
+    (lambda: solve_user_ridge(torch.tensor([0]), torch.tensor([0]), torch.ones(1), n_rows=1,
+                              item_factors=torch.zeros(NI, 2), item_bias=torch.zeros(NI),
+                              global_bias=torch.tensor(3.0), reg=-0.1, bias_reg=0.1), ValueError,
+     "reg"),
+    (lambda: sample_fake_items(torch.tensor([0]), torch.tensor([0]), n_items=NI, rate=-1.0,
+                               generator=torch.Generator()), ValueError, "rate"),
+    (lambda: sample_fake_items(torch.tensor([0]), torch.tensor([0]), n_items=NI, rate=1.0,
+                               generator=0), TypeError, "generator"),
+    (lambda: RatingStore(np.zeros(2, np.int64), np.zeros(3, np.int64), np.ones(2, np.float32),
+                         np.zeros(NU, np.int64), 1), ValueError, "same length"),
+])
+def test_calls_name_their_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_parallel_client_groups_give_exactly_the_serial_numbers():
+    """With workers = 2 or 3 a chunk's clients train in groups on parallel threads."""
+    part = iid_partition(NU, 6, seed=1)
+    shared = model().shared_state()
+    results = []
+    for workers in (1, 2, 3):
+        m = model(partition=part, user_solver="gradient", local_lr=0.2, workers=workers)
+        results.append((m.local_training(shared, torch.arange(6)), m.user_factors.clone()))
+    first, users_first = results[0]
+    for up, users in results[1:]:
+        assert torch.equal(up.clients, first.clients) and torch.equal(users, users_first)
+        for name in first.rows:
+            assert torch.equal(up.rows[name].values, first.rows[name].values)
+            assert torch.equal(up.rows[name].row, first.rows[name].row)
+        assert torch.equal(up.dense["global_bias"], first.dense["global_bias"])
+    with pytest.raises(ValueError, match="workers"):
+        model(workers=0)

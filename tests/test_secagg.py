@@ -94,3 +94,17 @@ def test_distributed_noise_shares_sum_to_the_target():
     assert abs(shares.sum(0).std().item() - 2.0) < 0.03
     with pytest.raises(ValueError, match="total_std"):
         distributed_gaussian_noise(3, 4, total_std=-1.0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: SecureAggregationRound("abc", 3), TypeError, "client_ids"),
+    (lambda: SecureAggregationRound([0, 1, 2], 3).masked_upload(0, [1.0, 2.0, 3.0]), TypeError,
+     "update"),
+    (lambda: SecureAggregationRound([0, 1, 2], 3).aggregate([1]), TypeError, "uploads"),
+    (lambda: SecureAggregationRound([0, 1, 2], 3).aggregate({0: [1]}), TypeError, "uploads"),
+    (lambda: dequantise([1, 2]), TypeError, "encoded"),
+    (lambda: dequantise(torch.ones(2)), TypeError, "encoded"),
+])
+def test_calls_name_their_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

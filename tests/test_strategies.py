@@ -135,3 +135,32 @@ def test_fedadam_is_reddi_algorithm_2_by_hand():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: FedAvg().sample("5"), TypeError, "n_clients"),
+    (lambda: FedAvg().sample(0), ValueError, "n_clients"),
+    (lambda: FedAvg().start([1.0]), TypeError, "shared"),
+    (lambda: FedAvg().start({}), ValueError, "shared"),
+    (lambda: FedAvg().accumulate(None, crafted()), TypeError, "total"),
+    (lambda: FedAvg().accumulate(FedAvg().start(zeros()), [1.0]), TypeError, "updates"),
+    (lambda: FedAvg().finish({}), TypeError, "total"),
+    (lambda: FedAvg().step(zeros(), [1.0]), TypeError, "change"),
+    (lambda: FedAvg().step(zeros(), {"other": torch.zeros(2)}), ValueError, "change"),
+    (lambda: FedAvg().step({"table": torch.zeros(4, 2, dtype=torch.long)}, zeros()), TypeError,
+     "shared"),
+    (lambda: ClientUpdates.concat("ab"), TypeError, "parts"),
+    (lambda: crafted().scaled([1.0, 1.0, 1.0]), TypeError, "factor"),
+    (lambda: crafted().scaled(torch.ones(2)), ValueError, "factor"),
+    (lambda: crafted().summed({"table": torch.Size([4, 2])}), ValueError, "scalar"),
+    (lambda: ClientUpdates([2], torch.ones(1), {}, {}), TypeError, "clients"),
+    (lambda: ClientUpdates(torch.tensor([2]), torch.ones(2), {}, {}), ValueError, "examples"),
+    (lambda: ClientUpdates(torch.tensor([2]), torch.ones(1), {"t": 1}, {}), TypeError, "rows"),
+    (lambda: ClientUpdates(torch.tensor([2]), torch.ones(1), {}, {"d": torch.ones(3)}),
+     ValueError, "dense"),
+    (lambda: RowUpdates(torch.tensor([0, 0]), torch.tensor([1, 2, 3]), torch.ones(3, 2),
+                        torch.ones(3)), ValueError, "client_pos"),
+])
+def test_calls_name_their_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

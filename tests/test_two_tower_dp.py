@@ -17,8 +17,10 @@ from privrec.dp.accounting import OPACUS_ORDERS
 from privrec.dp.ledger import PrivacyLedger
 from privrec.federated.dpfedavg import DPFedAvg
 from privrec.federated.engine import FederatedSimulator
+from privrec.federated.protocols import FederatedModel
 from privrec.federated.strategies import FedAvg, FedAvgM
 from privrec.federated.two_tower import FederatedImplicit
+from privrec.recsys.data import random_split
 from privrec.recsys.metrics import evaluate_ranking
 from privrec.recsys.two_tower import TwoTowerRecommender
 
@@ -125,3 +127,17 @@ def test_non_private_fedavg_through_the_engine_learns(kind):
     result = FederatedSimulator(fed, FedAvgM(weighting="per_client", seed=0)).fit(30)
     assert result.ledger is None and result.epsilon == math.inf and result.model is model
     assert evaluate_ranking(model, train, test)["ndcg"] > before + 0.05
+
+
+def test_implicit_clients_follow_the_protocol_chunk_as_one_group_and_evaluate():
+    train, test = random_split(synthetic_with_text()[0].ratings, seed=0)
+    fed = FederatedImplicit(new_model("two_tower"), train, seed=0)
+    assert isinstance(fed, FederatedModel)
+    clients = torch.arange(fed.n_clients)
+    assert [c.tolist() for c in fed.chunks(clients, 1)] == [clients.tolist()]
+    metrics = fed.evaluate(fed.shared_state(), test)
+    assert set(metrics) == {"hr", "ndcg"} and 0 <= metrics["ndcg"] <= metrics["hr"] <= 1
+    with pytest.raises(TypeError, match="shared"):
+        fed.local_training([1.0], clients)
+    with pytest.raises(ValueError, match="shared"):
+        fed.released_model({"nothing": torch.zeros(1)})

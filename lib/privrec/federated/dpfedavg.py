@@ -3,8 +3,9 @@
 DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018) protects a *client* -- for cross-device
 training a user's whole history (unit ``"user"``), for cross-silo training a silo's whole data
 (unit ``"silo"``, a different neighbouring relation) -- by changing how the server samples and
-aggregates, whatever its optimiser. :class:`DPFedAvg` wraps any strategy of
-:mod:`privrec.federated.strategies`, as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does:
+aggregates, whatever its optimiser. :class:`DPFedAvg` wraps any
+:class:`~privrec.federated.protocols.Strategy` (those of :mod:`privrec.federated.strategies` or
+one of your own), as Flower's ``DifferentialPrivacyServerSideFixedClipping`` does:
 
 1. **Poisson client sampling**: each of the :math:`N` clients joins a round independently with
    probability :math:`q` (``sample_rate``), so the expected cohort is :math:`qN`; this is what
@@ -44,13 +45,23 @@ import math
 import pandas as pd
 import torch
 
-from ..core.checks import check_sample_rate, choice, epsilon_or_inf, int_in, non_negative, positive
+from ..core.checks import (
+    check_sample_rate,
+    choice,
+    conforms,
+    epsilon_or_inf,
+    instance,
+    int_in,
+    non_negative,
+    positive,
+)
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyEvent, PrivacyLedger
 from ..dp.primitives import clip_factors, gaussian_noise, poisson_sample
 from .engine import FederatedMF, FederatedSimulator
-from .strategies import FedAvg, RunningSum, add_weighted
+from .protocols import Strategy
+from .strategies import FedAvg, RunningSum, add_weighted, check_chunk
 from .updates import ClientUpdates
 
 __all__ = ["DPFedAvg", "ROUND_EVENT", "round_events", "fit_dp_fedavg_mf"]
@@ -63,7 +74,7 @@ def round_events(noise_multiplier: float, *, sample_rate: float, rounds: int,
                  unit: str = "user") -> list[PrivacyEvent]:
     """The ledger events of ``rounds`` DP-FedAvg rounds (for :meth:`PrivacyLedger.calibrate`)."""
     return [PrivacyEvent(ROUND_EVENT, "gaussian", noise_multiplier, sample_rate,
-                         int_in("rounds", rounds, 1), unit)]
+                         int_in("rounds", rounds, 1), choice("unit", unit, ("user", "silo")))]
 
 
 class DPFedAvg:
@@ -72,8 +83,9 @@ class DPFedAvg:
     Parameters
     ----------
     strategy:
-        The wrapped :class:`~privrec.federated.strategies.FedAvg`, ``FedAvgM`` or ``FedAdam``; only its
-        server step is used, so its ``clients_per_round`` must be ``None``.
+        Any :class:`~privrec.federated.protocols.Strategy` (``FedAvg``, ``FedAvgM``, ``FedAdam``
+        or one of your own); only its ``step`` is used (the server optimiser), so a
+        ``clients_per_round`` attribute, where it has one, must be ``None``.
     n_clients:
         :math:`N`, the number of clients (public); must match the model's.
     sample_rate:
@@ -108,13 +120,11 @@ class DPFedAvg:
     models, Algorithm 1 (the fixed-denominator estimator :math:`\\tilde f_f`).
     """
 
-    def __init__(self, strategy: FedAvg, *, n_clients: int, sample_rate: float, clip_norm: float,
+    def __init__(self, strategy: Strategy, *, n_clients: int, sample_rate: float, clip_norm: float,
                  noise_multiplier: float, unit: str = "user", delta: float | None = None,
                  seed: int = 0) -> None:
-        if not isinstance(strategy, FedAvg):
-            raise TypeError(f"strategy must be a FedAvg/FedAvgM/FedAdam, got "
-                            f"{type(strategy).__name__}")
-        if strategy.clients_per_round is not None:
+        conforms("strategy", strategy, Strategy)
+        if getattr(strategy, "clients_per_round", None) is not None:
             raise ValueError("the wrapped strategy's clients_per_round must be None: DPFedAvg "
                              "samples clients itself (Poisson, sample_rate)")
         self.strategy = strategy
@@ -131,7 +141,7 @@ class DPFedAvg:
         self.last_norms: torch.Tensor | None = None
 
     @classmethod
-    def calibrated(cls, strategy: FedAvg, *, target_epsilon: float, rounds: int, n_clients: int,
+    def calibrated(cls, strategy: Strategy, *, target_epsilon: float, rounds: int, n_clients: int,
                    sample_rate: float, unit: str = "user", delta: float | None = None,
                    **kwargs) -> DPFedAvg:
         """The wrapper whose ``rounds`` rounds spend ``target_epsilon`` (``math.inf``: no noise).
@@ -155,7 +165,7 @@ class DPFedAvg:
 
     def sample(self, n_clients: int) -> torch.Tensor:
         """Poisson sampling: sorted ids, each client independently with probability ``q``."""
-        if n_clients != self.n_clients:
+        if int_in("n_clients", n_clients, 1) != self.n_clients:
             raise ValueError(f"the model has {n_clients} clients, this DPFedAvg was built for "
                              f"n_clients={self.n_clients}")
         return poisson_sample(self.n_clients, sample_rate=self.sample_rate,
@@ -164,10 +174,11 @@ class DPFedAvg:
     def start(self, shared: dict[str, torch.Tensor]) -> RunningSum:
         """An empty sum of clipped updates."""
         self._norms = []
-        return RunningSum({k: torch.zeros_like(v) for k, v in shared.items()})
+        return RunningSum.zeros_like(shared)
 
     def accumulate(self, total: RunningSum, updates: ClientUpdates) -> None:
         """Clip each client's whole update to ``clip_norm`` and add it to the sum (uniformly)."""
+        check_chunk(total, updates)
         norms = updates.norms()
         if not bool(torch.isfinite(norms).all()):
             raise ValueError("a client update contains NaN or infinite values")
@@ -177,6 +188,7 @@ class DPFedAvg:
 
     def finish(self, total: RunningSum) -> dict[str, torch.Tensor]:
         """Noise on every coordinate, divide by :math:`qN`, record the round on the ledger."""
+        instance("total", total, RunningSum)
         std = self.noise_multiplier * self.clip_norm
         change = {name: (value + gaussian_noise(value.shape, std=std, generator=self._noise))
                   / self.expected_clients for name, value in total.sums.items()}
@@ -197,7 +209,7 @@ class DPFedAvg:
 
 def fit_dp_fedavg_mf(train: pd.DataFrame, *, n_users: int, n_items: int, target_epsilon: float,
                      rounds: int, sample_rate: float, clip_norm: float = 1.0,
-                     strategy: FedAvg | None = None, partition=None, delta: float | None = None,
+                     strategy: Strategy | None = None, partition=None, delta: float | None = None,
                      test: pd.DataFrame | None = None, eval_every: int | None = None,
                      seed: int = 0, **model_kwargs) -> FitResult:
     """Train :class:`~privrec.federated.engine.FederatedMF` with DP-FedAvg to ``target_epsilon``.

@@ -26,7 +26,7 @@ from ..core.checks import choice, int_in, positive
 from ..core.checks import seed as check_seed
 from ..recsys.data import restrict_ids, validate_ratings
 
-__all__ = ["Partition", "cross_device", "iid_partition", "demographic_partition",
+__all__ = ["Partition", "cross_device", "partition_or_default", "iid_partition", "demographic_partition",
            "dirichlet_genre_partition", "subsample_users"]
 
 
@@ -92,6 +92,17 @@ def cross_device(n_users: int) -> Partition:
     """Every user is a client (the phone-per-user setting)."""
     n_users = int_in("n_users", n_users, 1)
     return Partition(np.arange(n_users), n_users, "cross-device")
+
+
+def partition_or_default(partition: Partition | None, n_users: int) -> Partition:
+    """``partition`` checked to cover exactly ``n_users`` users; ``None``: :func:`cross_device`."""
+    if partition is None:
+        return cross_device(n_users)
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a Partition, got {type(partition).__name__}")
+    if partition.n_users != n_users:
+        raise ValueError(f"partition covers {partition.n_users} users, expected n_users={n_users}")
+    return partition
 
 
 def iid_partition(n_users: int, n_silos: int, *, seed: int = 0) -> Partition:

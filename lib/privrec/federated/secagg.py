@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.checks import int_in, non_negative, positive
+from ..core.checks import id_array, instance, int_in, non_negative, positive
 from ..dp.primitives import gaussian_noise
 
 __all__ = [
@@ -92,6 +92,9 @@ def quantise(values: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
 def dequantise(encoded: torch.Tensor, *, scale: float = 2.0**16) -> torch.Tensor:
     """Inverse of :func:`quantise` for a (sum of) encoded values, as float64."""
     scale = positive("scale", scale)
+    if not isinstance(encoded, torch.Tensor) or encoded.is_floating_point():
+        raise TypeError(f"encoded must be an integer tensor (from quantise), got "
+                        f"{getattr(encoded, 'dtype', type(encoded).__name__)}")
     signed = torch.where(encoded >= MODULUS // 2, encoded - MODULUS, encoded)
     return signed.double() / scale
 
@@ -134,7 +137,7 @@ class SecureAggregationRound:
     scale: float = 2.0**16
 
     def __post_init__(self) -> None:
-        ids = tuple(int(c) for c in self.client_ids)
+        ids = tuple(id_array("client_ids", self.client_ids).tolist())
         if len(ids) < 2 or len(set(ids)) != len(ids):
             raise ValueError("client_ids must hold at least two distinct ids")
         self.size = int_in("size", self.size, 1)
@@ -169,7 +172,7 @@ class SecureAggregationRound:
         """What ``client`` sends: its quantised update plus its mask, modulo ``2**32``."""
         if client not in self._position:
             raise ValueError(f"client {client} is not in this round's client_ids")
-        update = update.reshape(-1)
+        update = instance("update", update, torch.Tensor).reshape(-1)
         if update.numel() != self.size:
             raise ValueError(f"update must have {self.size} entries, got {update.numel()}")
         return (quantise(update, scale=self.scale) + self.mask(client)) % MODULUS
@@ -181,6 +184,8 @@ class SecureAggregationRound:
         missing dropped out, and the survivors' masks with them are reconstructed from the seeds the
         survivors reveal.
         """
+        for client, upload in instance("uploads", uploads, dict).items():
+            instance(f"uploads[{client!r}]", upload, torch.Tensor)
         unknown = set(uploads) - set(self.client_ids)
         if unknown:
             raise ValueError(f"uploads from clients outside the round: {sorted(unknown)}")

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core.checks import choice, in_range, int_in, positive
+from ..core.checks import choice, in_range, instance, int_in, positive, tensor_dict
 from ..core.checks import seed as check_seed
 from .updates import ClientUpdates
 
-__all__ = ["RunningSum", "add_weighted", "FedAvg", "FedAvgM", "FedAdam"]
+__all__ = ["RunningSum", "check_chunk", "add_weighted", "FedAvg", "FedAvgM", "FedAdam"]
 
 
 @dataclass
@@ -40,6 +40,18 @@ class RunningSum:
     sums: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     clients: int = 0
+
+    @classmethod
+    def zeros_like(cls, shared: dict[str, torch.Tensor]) -> RunningSum:
+        """An empty sum shaped like the shared parameters ``shared``."""
+        return cls({k: torch.zeros_like(v) for k, v in tensor_dict("shared", shared).items()})
+
+
+def check_chunk(total: object, updates: object) -> None:
+    """``TypeError`` unless ``total`` is a :class:`RunningSum` and ``updates`` a
+    :class:`~privrec.federated.updates.ClientUpdates` (a strategy's ``accumulate`` arguments)."""
+    instance("total", total, RunningSum)
+    instance("updates", updates, ClientUpdates)
 
 
 def _like(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -53,9 +65,15 @@ def add_weighted(sums: dict[str, torch.Tensor], updates: ClientUpdates,
     ``client_weight[k]`` weighs client ``k`` (its position in ``updates``); with ``per_row`` a row
     table's pairs are weighted by their own example counts instead (FedAvg row by row).
     """
+    tensor_dict("sums", sums)
+    instance("updates", updates, ClientUpdates)
+    instance("client_weight", client_weight, torch.Tensor)
     for name, part in updates.rows.items():
         weight = part.examples if per_row else client_weight[part.client_pos]
-        sums[name].index_add_(0, part.row, part.values * _like(weight, part.values))
+        if bool((weight == 1).all()):  # every pair of a cross-device round: exact, one pass less
+            sums[name].index_add_(0, part.row, part.values)
+        else:
+            sums[name].index_add_(0, part.row, part.values * _like(weight, part.values))
     for name, value in updates.dense.items():
         sums[name] += (value * _like(client_weight, value)).sum(0).reshape(sums[name].shape)
 
@@ -102,6 +120,7 @@ class FedAvg:
 
     def sample(self, n_clients: int) -> torch.Tensor:
         """The sorted ids of this round's clients (seeded, without replacement)."""
+        n_clients = int_in("n_clients", n_clients, 1)
         m = n_clients if self.clients_per_round is None else int_in(
             "clients_per_round", self.clients_per_round, 1, n_clients)
         if m == n_clients:
@@ -110,16 +129,18 @@ class FedAvg:
 
     def start(self, shared: dict[str, torch.Tensor]) -> RunningSum:
         """An empty running sum for the shared parameters ``shared``."""
-        return RunningSum({k: torch.zeros_like(v) for k, v in shared.items()})
+        return RunningSum.zeros_like(shared)
 
     def accumulate(self, total: RunningSum, updates: ClientUpdates) -> None:
         """Add one chunk of the cohort's uploads to ``total`` (weighted by example counts)."""
+        check_chunk(total, updates)
         per_row = self.weighting == "per_row"
         add_weighted(total.sums, updates, updates.examples, per_row=per_row)
         for name, part in updates.rows.items():
             if per_row:
-                weight = total.weights.setdefault(name, torch.zeros(len(total.sums[name])))
-                weight.index_add_(0, part.row, part.examples)
+                if name not in total.weights:  # once per round, not once per chunk
+                    total.weights[name] = torch.zeros(len(total.sums[name]))
+                total.weights[name].index_add_(0, part.row, part.examples)
         for name in [*updates.rows, *updates.dense]:
             if not (per_row and name in updates.rows):
                 weight = total.weights.setdefault(name, torch.zeros(()))
@@ -128,6 +149,7 @@ class FedAvg:
 
     def finish(self, total: RunningSum) -> dict[str, torch.Tensor]:
         """The weighted mean change :math:`\\Delta` (zero where nobody contributed)."""
+        instance("total", total, RunningSum)
         change = {}
         for name, value in total.sums.items():
             weight = total.weights.get(name)
@@ -139,6 +161,10 @@ class FedAvg:
 
     def step(self, shared: dict[str, torch.Tensor], change: dict[str, torch.Tensor]) -> None:
         """Apply the server update in place, :math:`\\theta\\leftarrow\\theta+\\eta_s\\,d(\\Delta)`."""
+        tensor_dict("shared", shared)
+        unknown = sorted(set(tensor_dict("change", change)) - set(shared))
+        if unknown:
+            raise ValueError(f"change names parameters that shared lacks: {unknown}")
         for key, delta in change.items():
             shared[key].add_(self._direction(key, delta), alpha=self.server_lr)
 

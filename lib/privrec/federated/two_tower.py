@@ -1,6 +1,6 @@
 """Federated clients for implicit feedback: every user a device holding its positives and user rows.
 
-:class:`FederatedImplicit` follows :class:`privrec.federated.updates.FederatedModel`, so the federated
+:class:`FederatedImplicit` follows :class:`privrec.federated.protocols.FederatedModel`, so the federated
 engine (:mod:`privrec.federated.engine`) and its DP-FedAvg wrapper train
 :class:`~privrec.recsys.two_tower.TwoTowerRecommender` -- and :class:`~privrec.recsys.models.BiasedMF`,
 with the same client code -- on implicit feedback.
@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.checks import int_in, non_negative, positive
+from ..core.checks import int_in, non_negative, positive, tensor_dict
 from ..core.checks import seed as check_seed
 from ..recsys.data import validate_ratings
+from ..recsys.metrics import evaluate_ranking
 from ..recsys.models import as_index_tensor
 from ..recsys.two_tower import implicit_batch, negative_pool, parameter_names, shared_size
 from .updates import ClientUpdates, RowUpdates
@@ -38,7 +39,7 @@ class _Unchecked(nn.Module):
 
 class FederatedImplicit:
     """Every user a client holding its positives and its user rows: the
-    :class:`~privrec.federated.updates.FederatedModel` for implicit feedback, for any model that names its
+    :class:`~privrec.federated.protocols.FederatedModel` for implicit feedback, for any model that names its
     ``user_parameter_names`` and ``shared_parameter_names`` (:class:`TwoTowerRecommender`,
     :class:`~privrec.recsys.models.BiasedMF`).
 
@@ -77,6 +78,7 @@ class FederatedImplicit:
         self.user_names, self.shared_names = parameter_names(model)
         validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
         self.model, self.n_clients = model, model.n_users
+        self.train = train[["user", "item", "rating"]]  # what evaluate excludes from candidates
         self.pool = negative_pool(model, negative_items)
         self.local_steps = int_in("local_steps", local_steps, 1)
         self.local_batch = int_in("local_batch", local_batch, 1)
@@ -119,9 +121,18 @@ class FederatedImplicit:
 
     def load_shared(self, shared: dict[str, torch.Tensor]) -> None:
         """Write a (released) shared state into the model."""
+        missing = sorted(set(self.shared_names) - set(tensor_dict("shared", shared)))
+        if missing:
+            raise ValueError(f"shared lacks the model's shared parameters {missing}")
         with torch.no_grad():
             for n in self.shared_names:
                 getattr(self.model, n).copy_(shared[n])
+
+    def chunks(self, clients: torch.Tensor, max_examples: int) -> list[torch.Tensor]:
+        """One group, whatever ``max_examples``: the cohort draws its examples from one generator
+        in one call, so any split would change the draws (and the numbers)."""
+        int_in("max_examples", max_examples, 1)
+        return [torch.as_tensor(clients)] if len(clients) else []
 
     def _draw(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         counts = self.counts[clients, None]
@@ -146,6 +157,7 @@ class FederatedImplicit:
 
         ``examples``: the examples each client trained on (equal for all clients with data, so
         FedAvg's weighting is a plain mean; 0 and a zero change for a client without data)."""
+        tensor_dict("shared", shared)
         clients = as_index_tensor(clients, name="clients", upper=self.n_clients)
         if bool((clients[1:] <= clients[:-1]).any()):
             raise ValueError("clients must be sorted and distinct (as the engine samples them)")
@@ -195,3 +207,9 @@ class FederatedImplicit:
             users = {n: v - self.user_lr * grads[n] for n, v in users.items()}
         self._store_user_rows(active, users)
         return self.model
+
+    def evaluate(self, shared: dict[str, torch.Tensor], test: pd.DataFrame) -> dict[str, float]:
+        """HR@10 and NDCG@10 of :meth:`released_model` (each user's training positives excluded
+        from the candidates; :func:`~privrec.recsys.metrics.evaluate_ranking`)."""
+        validate_ratings(test, n_users=self.model.n_users, n_items=self.model.n_items, name="test")
+        return evaluate_ranking(self.released_model(shared), self.train, test)

@@ -1,6 +1,7 @@
-"""What clients upload in a federated round, and the protocol a model follows to be trained federatedly.
+"""What clients upload in a federated round.
 
-A model trained by the federated engine (:mod:`privrec.federated.engine`) splits its parameters in two:
+A model trained by the federated engine (:mod:`privrec.federated.engine`; its contract is
+:class:`privrec.federated.protocols.FederatedModel`) splits its parameters in two:
 
 * **shared** parameters, owned by the server and broadcast every round (item tables, towers);
 * **user** parameters, owned by the clients, which never leave them (user factors and biases).
@@ -15,11 +16,12 @@ it into one change of the shared parameters; the DP wrapper clips each client's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-__all__ = ["RowUpdates", "ClientUpdates", "FederatedModel"]
+from ..core.checks import instance
+
+__all__ = ["RowUpdates", "ClientUpdates"]
 
 
 @dataclass
@@ -36,6 +38,13 @@ class RowUpdates:
     values: torch.Tensor
     examples: torch.Tensor
 
+    def __post_init__(self) -> None:
+        for name in ("client_pos", "row", "values", "examples"):
+            tensor = instance(name, getattr(self, name), torch.Tensor)
+            if tensor.dim() == 0 or len(tensor) != len(self.row):
+                raise ValueError(f"{name} must have one entry per pair ({len(self.row)}), got "
+                                 f"shape {tuple(tensor.shape)}")
+
 
 @dataclass
 class ClientUpdates:
@@ -45,6 +54,16 @@ class ClientUpdates:
     examples: torch.Tensor                 # [m] local example counts (float)
     rows: dict[str, RowUpdates]            # row-sparse shared tables
     dense: dict[str, torch.Tensor]         # [m, *shape] changes of dense shared parameters
+
+    def __post_init__(self) -> None:
+        m = len(instance("clients", self.clients, torch.Tensor))
+        if instance("examples", self.examples, torch.Tensor).shape != (m,):
+            raise ValueError(f"examples must have one entry per client ({m})")
+        for name, part in instance("rows", self.rows, dict).items():
+            instance(f"rows[{name!r}]", part, RowUpdates)
+        for name, value in instance("dense", self.dense, dict).items():
+            if instance(f"dense[{name!r}]", value, torch.Tensor).dim() == 0 or len(value) != m:
+                raise ValueError(f"dense[{name!r}] must have one row per client ({m})")
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -61,6 +80,8 @@ class ClientUpdates:
 
     def scaled(self, factor: torch.Tensor) -> ClientUpdates:
         """Each client's change multiplied by ``factor[client position]`` (e.g. clip factors)."""
+        if instance("factor", factor, torch.Tensor).shape != (len(self),):
+            raise ValueError(f"factor must have one entry per client ({len(self)})")
         rows = {name: RowUpdates(p.client_pos, p.row,
                                  p.values * factor[p.client_pos].reshape(-1, *[1] * (p.values.dim() - 1)),
                                  p.examples) for name, p in self.rows.items()}
@@ -73,6 +94,8 @@ class ClientUpdates:
 
         Row tables that shared one ``client_pos``/``row`` tensor in every part share it again.
         """
+        for part in instance("parts", parts, (list, tuple)):
+            instance("parts[...]", part, ClientUpdates)
         if not parts:
             return None
         offsets = torch.tensor([0] + [len(p) for p in parts[:-1]]).cumsum(0)
@@ -94,6 +117,9 @@ class ClientUpdates:
 
     def summed(self, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The sum over clients of every change, as dense tensors of the shared shapes."""
+        missing = sorted((set(self.rows) | set(self.dense)) - set(instance("shapes", shapes, dict)))
+        if missing:
+            raise ValueError(f"shapes lacks the uploaded parameters {missing}")
         out = {}
         for name, part in self.rows.items():
             out[name] = torch.zeros(shapes[name]).index_add_(0, part.row, part.values)
@@ -101,18 +127,3 @@ class ClientUpdates:
             out[name] = value.sum(0).reshape(shapes[name])
         return out
 
-
-class FederatedModel(Protocol):
-    """What the federated engine needs from a model (matrix factorisation, two-tower, ...)."""
-
-    n_clients: int
-
-    def shared_state(self) -> dict[str, torch.Tensor]:
-        """The server's initial shared parameters: public constants or seeded noise only, never a
-        statistic of the training data (that would be an uncharged release)."""
-        ...
-
-    def local_training(self, shared: dict[str, torch.Tensor], clients: torch.Tensor) -> ClientUpdates:
-        """Train the given clients locally from ``shared``; user parameters stay inside the model
-        object (the clients' devices); return the cohort's changes of the shared parameters."""
-        ...
