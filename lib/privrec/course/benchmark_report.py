@@ -35,7 +35,7 @@ def machines_table(results: dict) -> pd.DataFrame:
                           "torch": s["machine"]["libraries"].get("torch") or "-",
                           "load": s["machine"]["load_average_1min"],
                           "measured (UTC)": s["machine"]["utc"]}
-                         for name, s in results.items()]).set_index("section")
+                         for name, s in results.items() if "machine" in s]).set_index("section")
 
 
 def step_table(section: dict) -> pd.DataFrame:
@@ -111,8 +111,9 @@ def scaling_verdict(section: dict) -> list[str]:
         b = big.iloc[0]
         gb = b["peak_rss_mib"] * 2**20 / 1e9
         limit = bar.get("fedavg_1e6_clients_seconds_at_most")
-        lines.append(f"FedAvg at {b['users']:,} clients, {b['ratings']:,} ratings: {b['seconds']:.1f} s "
-                     f"per round, peak {gb:.2f} GB (bar {bar['fedavg_1e6_clients_peak_gb_at_most']} GB"
+        lines.append(f"FedAvg at {b['users']:,} clients, {b['ratings']:,} ratings:")
+        lines.append(f"  {b['seconds']:.1f} s per round, peak {gb:.2f} GB "
+                     f"(bar {bar['fedavg_1e6_clients_peak_gb_at_most']} GB"
                      + (f", {limit} s" if limit else "") + ")")
     else:
         lines.append("the 10^6-client FedAvg point is not in the results file")
