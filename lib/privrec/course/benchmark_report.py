@@ -58,10 +58,13 @@ def step_summary(section: dict) -> list[str]:
     for row in section["rows"]:
         if isinstance(row.get("error"), str):
             lines.append(textwrap.shorten(f"{row['step']}: not run ({row['error']})", width=80))
-    ratio = {k: v for k, v in section.get("ratio_vs_privrec", {}).items() if k != "no privacy"}
+    ratio = {k: v for k, v in section.get("ratio_vs_privrec", {}).items()
+             if k not in ("no privacy", "privrec")}
     fastest = section.get("fastest_opacus") or (min(ratio, key=ratio.get) if ratio else None)
     if fastest is not None:
         lines.append(f"fastest peer mode: {fastest}; privrec is {ratio[fastest]:.1f}x faster")
+    else:
+        lines.append("no peer mode could run this model: no ratio to report")
     return lines
 
 
