@@ -66,7 +66,7 @@
   }
 
   // 3. Explore sections: visible figures (images, and charts drawn as SVG) and static faces.
-  const EXPLORE = /^\s*(explore|the explorer)\b/i;
+  const EXPLORE = /^\s*(explore|the explorer|动手探索|页面中的探索器)/i;
   for (const sec of main.querySelectorAll("section")) {
     const heading = sec.querySelector(":scope > h2, :scope > h3");
     if (!heading || !EXPLORE.test(heading.textContent)) continue;

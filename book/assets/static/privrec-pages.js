@@ -37,7 +37,7 @@
     min: "min", max: "max", quad: " ", qquad: " ",
   };
   function texToText(tex) {
-    let s = tex.replace(/^\\[(\[]|\\[)\]]$/g, "").replace(/^\$+|\$+$/g, "");
+    let s = tex.trim().replace(/^\\[(\[]|\\[)\]]$/g, "").replace(/^\$+|\$+$/g, "");
     for (let k = 0; k < 4; k++) {
       s = s.replace(/\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}/g, "($1)/($2)");
     }
