@@ -30,6 +30,7 @@ def _html():
 
 
 def test_one_frame_per_combination_with_its_printout():
+    plt.close("all")  # figures other tests in this worker left open are not this test's business
     page = _html()
     assert page.count("<figure data-key=") == 6
     assert page.count('style="margin:0"') == 1  # only the initial frame is visible
