@@ -191,26 +191,3 @@ def _noise_of(mechanism: Mechanism, noise_multiplier: object, epsilon: object) -
     if noise_multiplier is not None or epsilon is None:
         raise ValueError(f"a {mechanism} event takes epsilon and no noise_multiplier")
     return {"epsilon": positive("epsilon", epsilon)}
-
-
-def _noise_of(mechanism: Mechanism, noise_multiplier: object, epsilon: object) -> dict[str, Any]:
-    """Checked ``noise_multiplier`` and ``epsilon`` of a ``mechanism`` event (Laplace: each
-    determines the other, :math:`\\lambda = 1/\\varepsilon`)."""
-    if mechanism is Mechanism.GAUSSIAN:
-        if noise_multiplier is None or epsilon is not None:
-            raise ValueError("a gaussian event takes noise_multiplier and no epsilon (its epsilon "
-                             "follows from the ledger's delta)")
-        return {"noise_multiplier": non_negative("noise_multiplier", noise_multiplier)}
-    if mechanism is Mechanism.LAPLACE:
-        if noise_multiplier is None and epsilon is None:
-            raise ValueError("a laplace event takes epsilon or noise_multiplier (= 1/epsilon)")
-        lam = None if noise_multiplier is None else positive("noise_multiplier", noise_multiplier)
-        eps = None if epsilon is None else positive("epsilon", epsilon)
-        if lam is not None and eps is not None and not math.isclose(lam * eps, 1.0, rel_tol=1e-9):
-            raise ValueError(f"noise_multiplier must be 1/epsilon for a laplace event, got "
-                             f"noise_multiplier={lam!r}, epsilon={eps!r}")
-        return {"noise_multiplier": 1.0 / eps if lam is None else lam,
-                "epsilon": 1.0 / lam if eps is None else eps}
-    if noise_multiplier is not None or epsilon is None:
-        raise ValueError(f"a {mechanism} event takes epsilon and no noise_multiplier")
-    return {"epsilon": positive("epsilon", epsilon)}
