@@ -105,7 +105,7 @@ def test_beam_search_finds_at_least_as_likely_a_sequence_as_greedy(memorised):
     prefix = c.prefixes[0]
     greedy, beam = extract(model, prefix, length=3), extract(model, prefix, length=3, beam_width=4)
     ll = continuation_log_likelihood(model, prefix, np.vstack([greedy, beam]))
-    assert ll[1] >= ll[0] - 1e-9
+    assert ll[1] >= ll[0] - 1e-6  # float32 scores: equal sequences may differ in the 8th digit
     assert np.array_equal(greedy, extract(model, prefix, length=3))  # deterministic
 
 
