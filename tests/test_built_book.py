@@ -61,6 +61,14 @@ def _in_edition(page_path: str) -> tuple[str, str]:
 
 PAGES = [p for e in EDITIONS for p in _edition_pages(e)]
 CHAPTER_PAGES = [p for p in PAGES if _in_edition(p)[1].startswith("chapters/")]
+
+
+def _grouped(values, group=lambda v: v):
+    """Parameters that xdist keeps together (`make check-book` runs `-n 2 --dist loadgroup`): all
+    the checks of one page run in the worker that visited it, so each page is opened once."""
+    return [pytest.param(v, marks=pytest.mark.xdist_group(f"page:{group(v)}"), id=v or "en")
+            for v in values]
+
 LOCAL = ("file://", "data:", "blob:", "about:")
 SETTLE_MS = 20_000  # the longest a page may take to render its widgets and math
 DESKTOP = {"width": 1280, "height": 900}
@@ -167,27 +175,27 @@ def _report(browser, page_path: str) -> dict:
     return report
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 def test_every_page_of_the_toc_was_built(edition):
     pages = {_in_edition(p)[1] for p in _edition_pages(edition)}
     missing = [f for f in TOC if f"{Path(f).with_suffix('')}.html" not in pages]
     assert not missing, f"pages of _toc.yml missing from the {edition or 'root'} edition: {missing}"
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_page_loads_without_errors(browser, page_path):
     problems = _report(browser, page_path)["problems"]
     assert not problems, f"{page_path}:\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_no_tex_source_is_visible(browser, page_path):
     hits = _report(browser, page_path)["tex"]
     assert not hits, f"{page_path}: TeX source in the text (not rendered as math):\n  " + "\n  ".join(
         hits[:8])
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_outputs_and_tables_fit_the_text_column(browser, page_path):
     report = _report(browser, page_path)
     wide = [f"{w['width']} px > {report['column']} px: {w['what']}" for w in report["wide"]]
@@ -218,7 +226,7 @@ def _descriptive(alt: str) -> bool:
             and not re.search(r"\.(png|jpe?g|gif|svg)$", alt, re.IGNORECASE))
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_figures_have_alt_text_and_are_drawn_for_the_column(browser, page_path):
     report = _report(browser, page_path)
     bad = []
@@ -235,13 +243,13 @@ def test_figures_have_alt_text_and_are_drawn_for_the_column(browser, page_path):
     assert not bad, f"{page_path}:\n  " + "\n  ".join(bad[:10])
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_no_solution_is_visible_without_a_click(browser, page_path):
     shown = _report(browser, page_path)["solutions"]
     assert not shown, f"{page_path}: solution text visible without a click:\n  " + "\n  ".join(shown[:5])
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_no_inert_ipywidget_in_the_page(browser, page_path):
     # A live ipywidget cannot recompute without a kernel: the published page shows the static face
     # and the live cell is tagged remove-cell (issue 23.3).
@@ -249,7 +257,7 @@ def test_no_inert_ipywidget_in_the_page(browser, page_path):
     assert widgets == 0, f"{page_path}: {widgets} ipywidget view(s) in the page; tag the cell remove-cell"
 
 
-@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_no_page_scrolls_sideways_on_a_phone(browser, page_path):
     # At 390 px everything fits the screen: figures scale down, wide outputs scroll in their own
     # box, long code and math wrap or scroll; nothing makes the whole page wider than the phone.
@@ -278,7 +286,7 @@ def test_no_page_scrolls_sideways_on_a_phone(browser, page_path):
 # Explore sections: exactly one visible figure, and it responds to every control
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("page_path", CHAPTER_PAGES)
+@pytest.mark.parametrize("page_path", _grouped(CHAPTER_PAGES))
 def test_every_explore_section_has_exactly_one_figure(browser, page_path):
     report = _report(browser, page_path)
     explores = report["explores"]
@@ -294,8 +302,8 @@ def test_every_explore_section_has_exactly_one_figure(browser, page_path):
         "\n  ".join(bad)
 
 
-@pytest.mark.parametrize("page_path", [p for p in CHAPTER_PAGES
-                                       if int(_in_edition(p)[1].split("/")[1][:2]) <= 9])
+@pytest.mark.parametrize("page_path", _grouped([p for p in CHAPTER_PAGES
+                                                if int(_in_edition(p)[1].split("/")[1][:2]) <= 9]))
 def test_every_control_of_every_explore_figure_changes_it(browser, page_path):
     visit = Visit(browser, page_path)
     roots = visit.page.locator("section.privrec-explore .privrec-static-widget, "
@@ -323,7 +331,7 @@ def test_every_control_of_every_explore_figure_changes_it(browser, page_path):
     visit.page.close()
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 def test_static_explorer_responds_offline(browser, edition):
     visit = Visit(browser, f"{edition}/chapters/05_user_level_privacy.html".lstrip("/"))
     page = visit.page
@@ -340,7 +348,7 @@ def test_static_explorer_responds_offline(browser, edition):
     assert not visit.problems, visit.problems
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 def test_math_renders_from_the_vendored_mathjax(browser, edition):
     visit = Visit(browser, f"{edition}/chapters/02_differential_privacy.html".lstrip("/"))
     visit.page.wait_for_selector("mjx-container", timeout=SETTLE_MS)
@@ -357,7 +365,7 @@ def _first_chapter(edition: str) -> str:
     return next(p for p in CHAPTER_PAGES if _in_edition(p)[0] == edition)
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 @pytest.mark.parametrize("width", [390, 900])
 def test_the_chapter_menu_opens_and_its_links_work(browser, edition, width):
     start = _first_chapter(edition)
@@ -389,7 +397,7 @@ def test_the_chapter_menu_opens_and_its_links_work(browser, edition, width):
     page.close()
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 def test_the_menu_button_hides_and_shows_the_sidebar_on_a_desktop(browser, edition):
     visit = Visit(browser, _first_chapter(edition)).settle()
     page = visit.page
@@ -427,7 +435,7 @@ SEARCH_TERMS = {"": "sensitivity", "zh": "DP-SGD"}  # a word near math on severa
 # Chinese text without a dictionary, so the Chinese edition is searched for a Latin term)
 
 
-@pytest.mark.parametrize("edition", EDITIONS)
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
 def test_search_finds_pages_and_its_snippets_show_no_tex(browser, server, edition):
     prefix = f"/{edition}" if edition else ""
     term = SEARCH_TERMS.get(edition, SEARCH_TERMS[""])
