@@ -13,6 +13,9 @@ ClientApp executors) and measures, writing everything to ``--out``:
   threshold) and two that do (below it);
 * **speed**: a round with Flower's defaults (a process per message, 3 s idle poll) against this
   deployment, with the breakdown of where a round's seconds go.
+* **LoRA**: chapter 7's FFA-LoRA MiniLM two-tower, one user-level DP-FedAvg round on the same
+  secure deployment: its gap to the simulator and what one user uploads (``--only-lora``
+  re-measures just this section).
 
 ``--compare-insecure`` adds the comparison runs the chapter's overhead table needs: the same
 DP-FedAvg over plain HTTP (a warning is printed) and over TLS without node authentication.
@@ -39,6 +42,7 @@ from measure import (  # noqa: E402
     admission,
     deployment,
     killed,
+    lora_round,
     overheads,
     secagg_runs,
     speed,
@@ -66,6 +70,7 @@ def demo(work: Path, *, nodes: int = 3, rounds: int = 3, simulation_engine: bool
     report["speed"] = speed(work, base, report["engines"], say=say)
     if compare_insecure:
         report["overheads"] = overheads(work, base, report, say=say)
+    report["lora"] = lora_round(work, base, say=say)
     report["load_average_1min_after"] = os.getloadavg()[0]
     return report
 
@@ -80,6 +85,13 @@ def speed_only(work: Path, out: Path, *, nodes: int, rounds: int, say=print) -> 
     return report
 
 
+def lora_only(work: Path, out: Path, *, nodes: int, say=print) -> dict:
+    """The report in ``out`` with its LoRA section measured anew."""
+    report = json.loads(out.read_text())
+    report["lora"] = lora_round(work, {**BASE, "num-partitions": nodes}, say=say)
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="K SuperNodes (>= 3)")
@@ -90,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only-speed", action="store_true",
                         help="re-measure only the speed section (FedAvgM with Flower's defaults and "
                              "with this deployment's settings) and update it in --out")
+    parser.add_argument("--only-lora", action="store_true",
+                        help="re-measure only the LoRA section (chapter 7's model, one round) "
+                             "and update it in --out")
     parser.add_argument("--compare-insecure", action="store_true",
                         help="also measure plain HTTP and TLS without node authentication, for "
                              "the overhead table (prints a warning; never the default)")
@@ -100,6 +115,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="privrec-flower-") as tmp:
         if args.only_speed:
             report = speed_only(Path(tmp), args.out, nodes=args.nodes, rounds=args.rounds)
+        elif args.only_lora:
+            report = lora_only(Path(tmp), args.out, nodes=args.nodes)
         else:
             report = demo(Path(tmp), nodes=args.nodes, rounds=args.rounds,
                           simulation_engine=not args.no_simulation_engine,
@@ -108,6 +125,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=1, allow_nan=True, default=str) + "\n")
     print(f"wrote {args.out}")
     gaps = [g for section in ("engines", "secagg") for g in report[section]["gaps"].values()]
+    gaps += [report["lora"]["gap"]] if "lora" in report else []
     return 0 if all(math.isfinite(g) for g in gaps) else 1
 
 

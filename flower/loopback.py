@@ -10,7 +10,8 @@
    (``flwr supernode register``), which trusts the CA through ``$FLWR_HOME/config.toml``;
 4. K SuperNodes, each with its private key and the CA as ``--root-certificates``; with
    ``fast=True`` in Flower's ``process`` isolation mode, each with a warm ClientApp executor
-   (``warm_clientapp.py``) and a 0.1 s idle poll (``supernode_launcher.py``).
+   (``warm_clientapp.py``) and a 0.1 s idle poll (``supernode_launcher.py``); ``preload=("lora",)``
+   has the executors load chapter 7's LoRA model's libraries and MiniLM before the first task.
 
 Plain HTTP (``secure=False``) exists only for measuring what TLS costs; it prints a warning and
 cannot be combined with node authentication (Flower refuses that too). Every process and every
@@ -48,12 +49,12 @@ class Loopback:
 
     def __init__(self, k: int = 3, *, work: Path, secure: bool = True, auth: bool = True,
                  fast: bool = True, simulation: bool = False, idle_poll: float = 0.1,
-                 say=print, start_timeout: float = 90.0) -> None:
+                 say=print, start_timeout: float = 90.0, preload: tuple[str, ...] = ()) -> None:
         if auth and not secure:
             raise ValueError("SuperNode authentication needs TLS (secure=True)")
         self.k, self.work, self.say, self.start_timeout = k, Path(work), say, start_timeout
         self.secure, self.auth, self.fast, self.simulation = secure, auth, fast, simulation
-        self.idle_poll = idle_poll
+        self.idle_poll, self.preload = idle_poll, tuple(preload)
         self.silo_files: list[Path] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.home = self.work / "flwr-home"
@@ -157,7 +158,8 @@ class Loopback:
                 self.start(f"executor-{i}", [
                     sys.executable, APP_DIR / "warm_clientapp.py", "--runtime-api-address",
                     f"127.0.0.1:{args[args.index('--port') + 1]}", *self._tls(),
-                    "--parent-pid", node.pid, "--poll", "0.1"])
+                    "--parent-pid", node.pid, "--poll", "0.1",
+                    *(a for p in self.preload for a in ("--preload", p))])
 
     def __enter__(self) -> Loopback:
         self.work.mkdir(parents=True, exist_ok=True)

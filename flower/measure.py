@@ -23,7 +23,7 @@ from runs import idle_rates, online_nodes, probe, submit
 
 KEEP = ("round", "sampled", "realised", "errors", "silent", "updates_seen", "bytes_up",
         "privrec_bytes_up", "bytes_down", "wire_up", "wire_down", "cpu_seconds", "seconds",
-        "epsilon", "breakdown", "stages")
+        "epsilon", "breakdown", "stages", "uploaded")
 
 
 def summary(result: dict, idle: dict | None = None) -> dict:
@@ -234,3 +234,32 @@ def overheads(work: Path, base: dict, report: dict, say=print) -> dict:
     runs["TLS + registered nodes + SecAgg+"] = report["secagg"]["runs"]["dp-secagg"]
     rows = [{"setting": name, **net_costs(run)} for name, run in runs.items()]
     return {"rows": rows, "runs": {k: v for k, v in runs.items() if k in ("plain HTTP", "TLS")}}
+
+
+#: Chapter 7's FFA-LoRA two-tower: one user-level DP-FedAvg round, about 19 of 943 users.
+LORA_RUN = {"model": "lora", "dp": True, "num-server-rounds": 1, "sample-rate": 0.02,
+            "evaluate": False, "round-timeout": 300.0, "nodes-timeout": 300.0}
+
+
+def lora_round(work: Path, base: dict, say=print) -> dict:
+    """Chapter 7's LoRA two-tower for one round on its own secure federation (executors that
+    preload MiniLM): the gap to the simulator, what one user uploads, where the seconds went."""
+    config = {**base, **LORA_RUN}
+    with Loopback(int(base["num-partitions"]), work=work / "lora", preload=("lora",),
+                  say=say) as link:
+        result = submit(link, "lora", timeout=600.0, **config)
+    cfg = RunConfig.of(config)
+    gap, reference = _gap(cfg, work / "lora" / "lora")
+    r = result["rounds"][0]
+    users = max(len(r["realised"]), 1)
+    shapes = {k: tuple(v.shape) for k, v in initial_shared(cfg).items()}
+    out = {"config": config, "run": summary(result), "gap": gap, "n_users": int(cfg["n-users"]),
+           "users": len(r["realised"]), "shapes": shapes, "uploaded": r["uploaded"],
+           "bytes_up_per_user": r["bytes_up"] / users,
+           "privrec_bytes_up_per_user": r["privrec_bytes_up"] / users,
+           "bytes_down_per_user": r["bytes_down"] / users,
+           "simulator_round_seconds": reference["rounds"][0]["seconds"],
+           "load_average_1min": os.getloadavg()[0]}
+    say(f"LoRA round: {len(r['realised'])} users, {r['seconds']:.2f} s, "
+        f"{out['bytes_up_per_user']:.0f} B up per user, gap to the simulator {gap:.1e}")
+    return out

@@ -6,7 +6,9 @@ Flower, torch, pandas and privrec are imported again each time (2-3 s of a round
 With ``--isolation process`` the SuperNode leaves that to a process the operator runs; this is one:
 
 * it imports the heavy modules **once** (torch, pandas, privrec, Flower's ClientApp runtime; not
-  the app itself, which is still loaded from the installed FAB);
+  the app itself, which is still loaded from the installed FAB); with ``--preload lora`` also
+  what chapter 7's LoRA model needs (peft, transformers), MiniLM and the catalogue's frozen
+  top-layer inputs (:mod:`warm_preload`): public data, read once and shared by every child;
 * it asks the SuperNode's Runtime API for ClientApp tasks every ``--poll`` seconds (Flower's
   own ``AcquireTask`` call, as ``flower-superexec`` does);
 * for each task it **forks** a child that runs Flower's own ``run_clientapp`` for that task's
@@ -34,11 +36,20 @@ WARM_MODULES = ("torch", "numpy", "pandas", "privrec.federated.engine",
                 "flwr.supernode.runtime.run_clientapp", "flwr.client.mod", "flwr.app")
 
 
-def _warm_up() -> None:
+#: ``--preload lora``: the LoRA model's libraries (the app's own modules stay the FAB's).
+LORA_MODULES = ("peft", "sentence_transformers", "privrec.recsys.lora", "privrec.federated.lora",
+                "privrec.course.experiments.large_models")
+
+
+def _warm_up(preload: tuple[str, ...] = ()) -> None:
     import importlib
 
-    for name in WARM_MODULES:
+    for name in WARM_MODULES + (LORA_MODULES if "lora" in preload else ()):
         importlib.import_module(name)
+    if "lora" in preload:
+        from warm_preload import load_lora
+
+        load_lora()
     import torch
 
     from supernode_launcher import shorten_pull_backoff
@@ -80,12 +91,13 @@ def _run_child(address: str, token: str, certificates: bytes | None) -> None:
         os._exit(code)
 
 
-def serve(address: str, certificates: bytes | None, *, poll: float, parent_pid: int | None) -> int:
+def serve(address: str, certificates: bytes | None, *, poll: float, parent_pid: int | None,
+          preload: tuple[str, ...] = ()) -> int:
     """Acquire ClientApp tasks and fork one child per task until the SuperNode is gone."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
-    _warm_up()
+    _warm_up(preload)
     client = _client(address, certificates)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
@@ -138,12 +150,14 @@ def main(argv=None) -> int:
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--poll", type=float, default=0.05, help="seconds between task polls")
+    parser.add_argument("--preload", choices=("lora",), action="append", default=[],
+                        help="also load what a model needs before the first task")
     args = parser.parse_args(argv)
     if not 0.01 <= args.poll <= 60:
         parser.error("--poll must be between 0.01 and 60 seconds")
     certificates = None if args.insecure else args.root_certificates.read_bytes()
     return serve(args.runtime_api_address, certificates, poll=args.poll,
-                 parent_pid=args.parent_pid)
+                 parent_pid=args.parent_pid, preload=tuple(args.preload))
 
 
 if __name__ == "__main__":

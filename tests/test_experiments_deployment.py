@@ -133,3 +133,29 @@ def test_show_function_and_report_lookup(tmp_path):
     (tmp_path / "flower" / "results" / "deployment.json").write_text('{"epsilon": Infinity}')
     assert dep.load_report(dep.find_report(tmp_path / "flower")) == {"epsilon": math.inf}
     assert isinstance(dep.find_report(Path(__file__).parent), Path)
+
+
+def _lora_section() -> dict:
+    names = ["clients", "examples", "dense/adapter_down", "dense/lora_B", "rows/item_bias/row"]
+    breakdown = {"silo data": 2.5, "training": 0.31}
+    return {"config": {"sample-rate": 0.02, "num-partitions": 3}, "n_users": 943, "users": 19,
+            "shapes": {"lora_B": [384, 8], "item_bias": [1682]}, "uploaded": names,
+            "bytes_up_per_user": 15026.9, "privrec_bytes_up_per_user": 13984.6, "gap": 0.0,
+            "simulator_round_seconds": 0.68,
+            "run": {"rounds": [_round(1, list(range(19)), 4.2, breakdown=breakdown)],
+                    "ledger": "user-level (ε = 1.164, δ = 1e-05) over 943 users\n table"}}
+
+
+def test_lora_lines_fit_the_column_and_say_what_travelled(report):
+    report["lora"] = _lora_section()
+    lines = dep.lora_lines(report)
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "19 of 943 users sampled (q = 0.02), 19 answered" in text
+    assert "adapter_down, item_bias, lora_B" in text and "lora_A" not in text
+    assert "384 x 8 = 3,072 floats" in text and "15,027 B per user" in text
+    assert "inputs 2.5 s, training 0.31 s" in text and "|gap| to the simulator: 0.0e+00" in text
+    assert lines[-1] == "user-level (ε = 1.164, δ = 1e-05) over 943 users"
+    del report["lora"]
+    with pytest.raises(ValueError, match="'lora' section"):
+        dep.lora_lines(report)

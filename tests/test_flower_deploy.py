@@ -17,7 +17,9 @@ authentication, registers three SuperNodes with the ``flwr`` CLI and checks, on 
 * a killed SuperNode in a DP-FedAvg round leaves the model of the realised cohort and the
   ledger at the nominal sampling rate;
 
-and that every process and every key is gone afterwards, also on failure.
+and that every process and every key is gone afterwards, also on failure. A second deployment
+runs chapter 7's FFA-LoRA MiniLM two-tower for one user-level DP-FedAvg round (``model = "lora"``)
+and checks that it equals the simulator and that, of MiniLM, only LoRA's B travels.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from loopback import Loopback  # noqa: E402
 from measure import admission  # noqa: E402
 from pki import LoopbackPKI  # noqa: E402
 from privrec_flower.engines import load_shared, max_abs_gap, simulate  # noqa: E402
+from privrec_flower.lora import decode_cohort, device_state, encode_cohort, restore_device  # noqa: E402
 from privrec_flower.secure import Quantisation, as_equal_shares, clipped_upload  # noqa: E402
 from privrec_flower.task import (  # noqa: E402
     DEFAULTS,
@@ -66,6 +69,7 @@ from supernode_launcher import ShortClock, check_patch_point  # noqa: E402
 
 from privrec.dp.ledger import PrivacyLedger  # noqa: E402
 from privrec.federated.mf import initial_shared_state  # noqa: E402
+from privrec.federated.updates import ClientUpdates, RowUpdates  # noqa: E402
 
 TOL = 1e-5
 
@@ -315,3 +319,64 @@ def test_secure_loopback_deployment(tmp_path):
     assert max_abs_gap(dp_shared, load_shared(tmp_path / "killed" / "shared.npz")) > 1e-3
     assert math.isclose(runs["killed"]["epsilon"], _nominal_epsilon(dp), rel_tol=1e-12)
     assert math.isclose(runs["killed"]["epsilon"], ref["epsilon"], rel_tol=1e-12)
+
+
+# -- chapter 7's LoRA two-tower on the deployment -------------------------------------------------
+
+LORA = {"model": "lora", "dp": True, "num-partitions": 3, "num-server-rounds": 1,
+        "sample-rate": 0.02, "evaluate": False, "round-timeout": 300.0, "nodes-timeout": 300.0}
+
+
+def test_lora_cohort_codec_and_device_state_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    pos, row = torch.tensor([0, 0, 2]), torch.tensor([5, 9, 5])
+    up = ClientUpdates(torch.tensor([3, 7, 8]), torch.tensor([20.0, 20.0, 0.0]),
+                       {"item_bias": RowUpdates(pos, row, torch.randn(3, generator=gen),
+                                                torch.tensor([1.0, 2.0, 1.0]))},
+                       {"lora_B": torch.randn(3, 384, 8, generator=gen),
+                        "global_bias": torch.randn(3, generator=gen)})
+    back = decode_cohort(encode_cohort(up))
+    assert torch.equal(back.clients, up.clients) and torch.equal(back.examples, up.examples)
+    for name in ("client_pos", "row", "values", "examples"):
+        assert torch.equal(getattr(back.rows["item_bias"], name), getattr(up.rows["item_bias"], name))
+    assert all(torch.equal(back.dense[k], up.dense[k]) for k in up.dense)
+    # a SuperNode keeps only its own users' rows, and its generator continues where it stopped
+    head = type("Head", (), {})()
+    head.user_factors, head.user_bias = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+    model = type("Model", (), {"head": head, "n_users": 6,
+                               "user_parameter_names": ("user_factors", "user_bias")})()
+    mine, rng = torch.tensor([1, 4]), torch.Generator().manual_seed(3)
+    state, expected = device_state(model, mine, rng), torch.rand(2, generator=rng)
+    kept = head.user_factors.clone()
+    head.user_factors.zero_()
+    restore_device(state, model, mine, rng)
+    assert torch.equal(head.user_factors[mine], kept[mine]) and not head.user_factors[0].any()
+    assert torch.equal(torch.rand(2, generator=rng), expected)
+
+
+def test_lora_two_tower_round_on_the_secure_deployment(tmp_path):
+    link = Loopback(3, work=tmp_path, preload=("lora",))
+    try:
+        with link:
+            run = submit(link, "lora", timeout=600.0, **LORA)
+    finally:
+        survivors = [p for proc in link.procs.values() for p in descendants(proc.pid)]
+        assert link.alive() == [] and survivors == [], (link.alive(), survivors)
+        assert not (tmp_path / "pki").exists(), "the run's keys must be deleted"
+    cfg = RunConfig.of(LORA)
+    reference, shared = simulate(cfg)
+    deployed, start = load_shared(tmp_path / "lora" / "shared.npz"), initial_shared(cfg)
+    got, ref = run["rounds"][0], reference["rounds"][0]
+    # users are the clients: the strategy's Poisson draw over 943 users, all of whom answered
+    assert got["sampled"] == ref["sampled"] == got["realised"] and 5 <= len(got["sampled"]) <= 60
+    assert got["updates_seen"] == len(got["sampled"])
+    # the deployed model is the simulator's, and the round moved B (the fine-tuned MiniLM)
+    assert max_abs_gap(shared, deployed) < 1e-6
+    assert float((deployed["lora_B"] - start["lora_B"]).abs().max()) > 1e-4
+    # what travelled: the two-tower head and, of MiniLM, only B (FFA-LoRA: A stays frozen)
+    sent = {k.split("/")[1] for k in got["uploaded"] if k.startswith(("dense/", "rows/"))}
+    assert sent == set(shared) and "lora_B" in sent and "lora_A" not in sent
+    assert got["privrec_bytes_up"] == ref["bytes_up"] and got["bytes_up"] >= ref["bytes_up"]
+    # the ledger: user level, the simulator's
+    assert run["ledger"].startswith("user-level")
+    assert math.isclose(run["epsilon"], reference["epsilon"], rel_tol=1e-12)

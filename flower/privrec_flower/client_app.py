@@ -8,6 +8,8 @@ Message types (Flower's Message API):
   change of the shared parameters only; in a SecAgg+ round (``secagg=true``) the reply is the
   update clipped on the client, dense, which Flower's ``secaggplus_mod`` quantises and masks
   (:mod:`privrec_flower.secure`);
+* ``train`` with ``model = "lora"``: the message also names this silo's sampled users; they train
+  chapter 7's LoRA two-tower (:mod:`privrec_flower.lora`) and the reply holds one change per user;
 * ``evaluate``: test squared error of the personalised model on this silo's held-out ratings.
 
 User rows persist between rounds in ``context.state`` (kept by the SuperNode, never sent). Every
@@ -39,7 +41,14 @@ from privrec_flower.secure import (  # noqa: E402
     is_secagg_train,
     secagg_when_asked,
 )
-from privrec_flower.task import RunConfig, decode_state, encode_update, silo_data  # noqa: E402
+from privrec_flower.task import (  # noqa: E402
+    RunConfig,
+    decode_state,
+    encode_update,
+    partition_of,
+    silo_data,
+    silo_frames,
+)
 from privrec_flower.timing import process_started  # noqa: E402
 
 _T_IMPORTED = time.time()
@@ -81,9 +90,49 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": silo})}), reply_to=msg)
 
 
+def _lora_silo(context: Context, cfg: RunConfig):
+    """This node's silo id, its users, their ``FederatedLoRA`` clients (the devices' state
+    restored from ``context.state``)."""
+    from privrec_flower import lora
+
+    silo = int(context.node_config["partition-id"])
+    key = (context.run_id, silo, "lora")
+    if key not in _CACHE:
+        train, _ = silo_frames(cfg, silo, context.node_config.get("data-file"))
+        users = torch.as_tensor((partition_of(cfg).client_of_user == silo).nonzero()[0])
+        _CACHE[key] = (silo, users, lora.silo_clients(cfg, silo, lora.public_model(cfg), train))
+    silo, users, clients = _CACHE[key]
+    if "lora-device" in context.state:
+        lora.restore_device(context.state["lora-device"], clients.model, users, clients.generator)
+    return silo, users, clients
+
+
+def _train_lora(msg: Message, context: Context, cfg: RunConfig, t_in: float) -> Message:
+    """``train`` for the LoRA model: this silo's sampled users, one change each."""
+    from privrec_flower import lora
+
+    silo, users, clients = _lora_silo(context, cfg)
+    t_data = time.time()
+    shared, cohort = decode_state(msg.content["shared"]), lora.cohort_of(msg.content)
+    if not bool(torch.isin(cohort, users).all()):
+        raise ValueError(f"the server sent users that silo {silo} does not hold")
+    t_decoded = time.time()
+    up = clients.local_training(shared, cohort)
+    context.state["lora-device"] = lora.device_state(clients.model, users, clients.generator)
+    t_trained = time.time()
+    content = lora.encode_cohort(up)
+    content["metrics"] = MetricRecord({"partition-id": silo, **_stamps(**{
+        "t-in": t_in, "t-data": t_data, "t-decoded": t_decoded, "t-trained": t_trained,
+        "t-out": time.time()})})
+    return Message(content, reply_to=msg)
+
+
 def train(msg: Message, context: Context, overrides: dict) -> Message:
     """Local training from the broadcast; the reply is this silo's update (see module doc)."""
     t_in = time.time()
+    if (cfg := RunConfig.of(context.run_config, **overrides)).lora:
+        torch.set_num_threads(1)
+        return _train_lora(msg, context, cfg, t_in)
     cfg, silo, model, _ = _silo(context, overrides)
     t_data = time.time()
     secure = is_secagg_train(msg.content)

@@ -49,7 +49,7 @@ def simulate(cfg: RunConfig, *, realised: list[list[int]] | None = None) -> tupl
         rounds.append({"round": r, "sampled": record.clients.tolist(), "bytes_up": record.bytes_up,
                        "bytes_down": record.bytes_down, "seconds": time.perf_counter() - start,
                        "epsilon": sim.ledger.epsilon() if sim.ledger is not None else math.inf})
-    rmse = model.evaluate(sim.shared, test)["rmse"] if cfg["evaluate"] else None
+    rmse = model.evaluate(sim.shared, test)["rmse"] if cfg["evaluate"] and not cfg.lora else None
     ledger = sim.ledger
     return ({"rounds": rounds, "test_rmse": rmse, "strategy": repr(strategy),
              "epsilon": ledger.epsilon() if ledger is not None else math.inf,

@@ -9,7 +9,9 @@ cohort is recorded). With ``secagg=true`` (DP-FedAvg only) the replies are maske
 SecAgg+ workflow returns only their sum, which the round receives as equal shares
 (:mod:`privrec_flower.secure`). For DP-FedAvg the noise on the sum, the fixed denominator
 :math:`qN` and the ledger entry do not depend on who answered, so the ledger stays valid for any
-realised cohort (a smaller cohort only loses signal).
+realised cohort (a smaller cohort only loses signal). With ``model = "lora"`` the clients are
+users (chapter 7's LoRA two-tower, :mod:`privrec_flower.lora`): the strategy samples users, each
+SuperNode is sent its sampled users, and each silo's reply is a chunk of per-user updates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privrec.federated.engine import federated_round
 from privrec.federated.updates import ClientUpdates
+from privrec_flower.lora import cohort_record, decode_cohort
 from privrec_flower.secure import as_equal_shares, secure_sum
 from privrec_flower.task import (
     RunConfig,
@@ -33,6 +36,8 @@ from privrec_flower.task import (
     encode_state,
     initial_shared,
     make_strategy,
+    partition_of,
+    population,
     record_bytes,
 )
 from privrec_flower.timing import STAMPS, breakdown
@@ -70,10 +75,14 @@ def gate(cfg: RunConfig, tag: str) -> None:
         time.sleep(0.02)
 
 
-def _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info):
-    """Step 3 in the clear: ``train`` messages out, decoded sparse updates back (silo order)."""
+def _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info, cohorts=None):
+    """Step 3 in the clear: ``train`` messages out, decoded sparse updates back (silo order).
+    With ``cohorts`` (``{node: sampled users}``, the LoRA model) each message names the node's
+    users and each silo's reply is one chunk of per-user updates."""
+    extra = (lambda n: {"cohort": cohort_record(cohorts[n])}) if cohorts else (lambda n: {})
     messages = [Message(RecordDict({"shared": encode_state(broadcast),
-                                    "config": ConfigRecord({"server-round": server_round})}),
+                                    "config": ConfigRecord({"server-round": server_round}),
+                                    **extra(n)}),
                         dst_node_id=n, message_type="train", group_id=str(server_round),
                         ttl=max(float(cfg["round-timeout"]), 10.0)) for n in nodes]
     info["bytes_down"] = sum(record_bytes(m.content) for m in messages)
@@ -83,12 +92,17 @@ def _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info):
     good = sorted((silo_of[m.metadata.src_node_id], m) for m in replies if m.has_content())
     info["errors"] = sum(m.has_error() for m in replies)
     info["bytes_up"] = sum(record_bytes(m.content) for _, m in good)
-    info["updates_seen"] = len(good)            # individual updates the ServerApp decoded
+    info["updates_seen"] = (sum(len(cohorts[m.metadata.src_node_id]) for _, m in good)
+                            if cohorts else len(good))  # individual updates decoded
     if good:
         last = max((m for _, m in good), key=lambda m: got_at[m.metadata.reply_to_message_id])
         info["last"] = ({k: float(last.content["metrics"][k]) for k in STAMPS},
                         got_at[last.metadata.reply_to_message_id])
-        yield ClientUpdates.concat([decode_update(m.content, silo) for silo, m in good])
+        if cohorts:
+            info["uploaded"] = sorted(good[0][1].content["update"])   # the names on the wire
+            yield from (decode_cohort(m.content) for _, m in good)
+        else:
+            yield ClientUpdates.concat([decode_update(m.content, silo) for silo, m in good])
 
 
 def _secure_cohort(grid, context, cfg, broadcast, nodes, silo_of, server_round, info):
@@ -115,16 +129,31 @@ def deployed_round(grid: Grid, context: Context, cfg: RunConfig, strategy,
 
     def train_cohort(broadcast, clients):
         live = set(grid.get_node_ids())
+        if cfg.lora:
+            cohorts = _users_by_node(cfg, clients, silos, live)
+            return _plain_cohort(grid, cfg, broadcast, list(cohorts), silo_of, server_round,
+                                 info, cohorts)
         nodes = [silos[int(c)] for c in clients if silos[int(c)] in live]
         if cfg["secagg"]:
             return _secure_cohort(grid, context, cfg, broadcast, nodes, silo_of, server_round,
                                   info)
         return _plain_cohort(grid, cfg, broadcast, nodes, silo_of, server_round, info)
 
-    record = federated_round(shared, strategy, n_clients=len(silos), train_cohort=train_cohort,
+    n_clients, _ = population(cfg, len(silos))
+    record = federated_round(shared, strategy, n_clients=n_clients, train_cohort=train_cohort,
                              upload="dense" if cfg["secagg"] else "sparse",
                              round_number=server_round)
     return _round_record(record, info, strategy, server_round, started, time.time())
+
+
+def _users_by_node(cfg: RunConfig, users, silos: dict[int, int], live: set) -> dict[int, list]:
+    """``{node: its sampled users}`` for the live nodes whose silo holds a sampled user."""
+    owner, out = partition_of(cfg).client_of_user, {}
+    for user in users.tolist():
+        node = silos[int(owner[user])]
+        if node in live:
+            out.setdefault(node, []).append(user)
+    return out
 
 
 def _round_record(record, info: dict, strategy, server_round: int, started: float,
@@ -141,8 +170,9 @@ def _round_record(record, info: dict, strategy, server_round: int, started: floa
     if "last" in info:
         out["breakdown"] = breakdown(started=started, pushed=info["pushed"], stamps=info["last"][0],
                                      got=info["last"][1], ended=ended)
-    if "stages" in info:
-        out["stages"] = info["stages"]
+    for key in ("stages", "uploaded"):
+        if key in info:
+            out[key] = info[key]
     return out
 
 
@@ -165,8 +195,12 @@ def run_rounds(grid: Grid, context: Context, cfg: RunConfig, *,
     if cfg["secagg"] and not cfg["dp"]:
         raise ValueError("secagg=true needs dp=true: SecAgg+ carries DP-FedAvg's uniform sum of "
                          "clipped updates (FedAvg's per-row weights would have to be revealed)")
+    if cfg["secagg"] and cfg.lora:
+        raise ValueError("secagg=true is for model='mf': the LoRA model's clients are users, "
+                         "whose updates a silo's SuperNode would have to mask one by one")
     silos = discover(grid, cfg)
-    strategy = make_strategy(cfg, n_clients=len(silos), unit="silo")
+    n_clients, unit = population(cfg, len(silos))
+    strategy = make_strategy(cfg, n_clients=n_clients, unit=unit)
     shared = initial_shared(cfg)
     rounds, start = [], time.perf_counter()
     for r in range(1, int(cfg["num-server-rounds"]) + 1):
@@ -182,7 +216,8 @@ def run_rounds(grid: Grid, context: Context, cfg: RunConfig, *,
               "epsilon": ledger.epsilon() if ledger is not None else math.inf,
               "delta": ledger.delta if ledger is not None else None,
               "ledger": ledger.summary() if ledger is not None else "no privacy (epsilon = inf)",
-              "test_rmse": federated_rmse(grid, cfg, shared, silos) if cfg["evaluate"] else None}
+              "test_rmse": (federated_rmse(grid, cfg, shared, silos)
+                            if cfg["evaluate"] and not cfg.lora else None)}
     say(result["ledger"])
     return result, shared
 

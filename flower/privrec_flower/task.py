@@ -36,9 +36,12 @@ DEFAULTS: dict[str, object] = {
     "dim": 8, "local-epochs": 1, "local-lr": 0.5, "seed": 0, "test-fraction": 0.2,
     "evaluate": True, "round-timeout": 30.0, "poll-interval": 0.05, "nodes-timeout": 120.0,
     "pull-backoff": 0.05, "secagg": False, "secagg-shares": 3, "secagg-threshold": 2,
-    "secagg-bits": 22,
+    "secagg-bits": 22, "model": "mf", "lora-variant": "ffa",
     "out-dir": "", "gate-dir": "",
 }
+
+#: ``model``: the book's MF (silo clients) or chapter 7's LoRA two-tower (user clients).
+MODELS = ("mf", "lora")
 
 
 #: The run-config values a silo's data file depends on.
@@ -63,7 +66,14 @@ class RunConfig:
         unknown = sorted(set(values) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"unknown run-config keys {unknown}; allowed: {sorted(DEFAULTS)}")
+        if values["model"] not in MODELS:
+            raise ValueError(f"model must be one of {list(MODELS)}, got {values['model']!r}")
         return cls(values)
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains chapter 7's LoRA two-tower (every user a client)."""
+        return self["model"] == "lora"
 
     def model_kwargs(self) -> dict:
         """The :class:`~privrec.federated.engine.FederatedMF` hyperparameters of this run."""
@@ -125,31 +135,45 @@ def _read_silo_file(cfg: RunConfig, path: str) -> tuple[pd.DataFrame, pd.DataFra
     return pd.DataFrame(frames["train"]), pd.DataFrame(frames["test"])
 
 
+def silo_frames(cfg: RunConfig, silo: int, data_file: str | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Silo ``silo``'s train and test ratings, from ``data_file`` (:func:`write_silo_files`) when
+    given and made for this run's seed, split and partition; otherwise cut from ML-100K, the
+    other silos' ratings dropped before any model is built, so they never exist in the process."""
+    frames = _read_silo_file(cfg, data_file) if data_file else None
+    return frames if frames is not None else silo_split(cfg, silo)
+
+
 def silo_data(cfg: RunConfig, silo: int, data_file: str | None = None
               ) -> tuple[FederatedMF, pd.DataFrame]:
-    """What SuperNode ``silo`` holds: a FederatedMF over its own users' ratings, its test ratings.
-
-    Read from ``data_file`` (:func:`write_silo_files`) when given and made for this run's seed,
-    split and partition; otherwise cut from ML-100K, dropping the other silos' ratings before
-    the model is built, so they never exist in this process.
-    """
-    frames = _read_silo_file(cfg, data_file) if data_file else None
-    train, test = frames if frames is not None else silo_split(cfg, silo)
+    """What SuperNode ``silo`` holds: a FederatedMF over its own users' ratings, its test ratings
+    (:func:`silo_frames`)."""
+    train, test = silo_frames(cfg, silo, data_file)
     model = FederatedMF(train, n_users=int(cfg["n-users"]), n_items=int(cfg["n-items"]),
                         partition=partition_of(cfg), **cfg.model_kwargs())
     return model, test
 
 
-def full_model(cfg: RunConfig) -> tuple[FederatedMF, pd.DataFrame]:
-    """The simulator's model: every silo's ratings in one :class:`FederatedMF` (way (a))."""
+def full_model(cfg: RunConfig) -> tuple[object, pd.DataFrame]:
+    """The simulator's model: every silo's ratings in one :class:`FederatedMF` (way (a)); for the
+    LoRA model the silos' user clients, :class:`privrec_flower.lora.SiloCohorts`."""
     train, test = load_split(cfg)
+    if cfg.lora:
+        from privrec_flower.lora import reference
+
+        return reference(cfg, train, partition_of(cfg).client_of_user), test
     return FederatedMF(train, n_users=int(cfg["n-users"]), n_items=int(cfg["n-items"]),
                        partition=partition_of(cfg), **cfg.model_kwargs()), test
 
 
 def initial_shared(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The server's initial model: :func:`privrec.federated.mf.initial_shared_state` of the run's
-    public configuration (the simulator's :class:`FederatedMF` starts from the same function)."""
+    public configuration (the simulator's :class:`FederatedMF` starts from the same function); for
+    the LoRA model its seeded initialisation (:func:`privrec_flower.lora.initial_shared`)."""
+    if cfg.lora:
+        from privrec_flower.lora import initial_shared as lora_initial
+
+        return lora_initial(cfg)
     return initial_shared_state(n_users=int(cfg["n-users"]), n_items=int(cfg["n-items"]),
                                 dim=int(cfg["dim"]), seed=int(cfg["seed"]))
 
@@ -170,6 +194,11 @@ def make_strategy(cfg: RunConfig, *, n_clients: int, unit: str = "silo"):
                     clip_norm=float(cfg["clip-norm"]),
                     noise_multiplier=float(cfg["noise-multiplier"]), unit=unit,
                     seed=int(cfg["seed"]))
+
+
+def population(cfg: RunConfig, n_silos: int) -> tuple[int, str]:
+    """``(number of clients, privacy unit)``: the silos for MF, every user for the LoRA model."""
+    return (int(cfg["n-users"]), "user") if cfg.lora else (int(n_silos), "silo")
 
 
 # -- codecs -----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from ...core.checks import instance
 
 __all__ = ["find_report", "load_report", "show_function", "rounds_table", "gap_table",
            "admission_table", "secagg_lines", "overhead_table", "threat_model_markdown",
-           "speed_table", "round_phases", "draw_round", "RUN_LABELS"]
+           "speed_table", "round_phases", "draw_round", "lora_lines", "RUN_LABELS"]
 
 #: The runs of the Explore figure: label -> (section path in the report, kind of breakdown).
 RUN_LABELS = {"Flower defaults": ("speed", "before"),
@@ -239,3 +240,29 @@ def draw_round(report: dict, label: str, round_number: int):
     ax.set_title(f"{label}, round {round_number}: {total:.2f} s")
     ax.set_xlim(0, max(1.0, math.ceil(_longest_phase(report) * 1.05)))
     return fig
+
+
+def lora_lines(report: dict) -> list[str]:
+    """Chapter 7's LoRA two-tower deployed for one user-level DP-FedAvg round (the report's
+    ``lora`` section): who took part, what one user uploaded, where the round's seconds went, the
+    gap to the simulator and the ledger, as lines of at most 80 characters."""
+    if "lora" not in instance("report", report, dict):
+        raise ValueError("report must have a 'lora' section: re-measure it with "
+                         "`python flower/deploy.py --only-lora` (or `make flower-demo`)")
+    s = report["lora"]
+    r, rows, cols = s["run"]["rounds"][0], *s["shapes"]["lora_B"]
+    phases = r["breakdown"]
+    sent = sorted({k.split("/")[1] for k in s["uploaded"] if "/" in k})
+    return [
+        f"{s['users']} of {s['n_users']} users sampled (q = {s['config']['sample-rate']:g}), "
+        f"{len(r['realised'])} answered, held by {s['config']['num-partitions']} SuperNodes",
+        *textwrap.wrap("uploaded per user: " + ", ".join(sent), 80, subsequent_indent="  "),
+        f"  of MiniLM only B: {rows} x {cols} = {rows * cols:,} floats; A and W2 stay put",
+        f"  {s['bytes_up_per_user']:,.0f} B per user in Flower's records "
+        f"({s['privrec_bytes_up_per_user']:,.0f} B by privrec's count)",
+        f"round: {r['seconds']:.1f} s; of it building the model from the cached MiniLM",
+        f"  inputs {phases['silo data']:.1f} s, training {phases['training']:.2f} s "
+        f"(the simulator's round: {s['simulator_round_seconds']:.2f} s)",
+        f"max |gap| to the simulator: {s['gap']:.1e}",
+        s["run"]["ledger"].splitlines()[0],
+    ]
