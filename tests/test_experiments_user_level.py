@@ -9,9 +9,10 @@ import torch
 from privrec.course.experiments import user_level as ul
 from privrec.course.experiments import user_level_search as us
 from privrec.course.experiments import user_level_uploads as uu
-from privrec.dp.ledger import PrivacyLedger
+from privrec.dp.ledger import PrivacyLedger, default_delta
 from privrec.federated.dpfedavg import DPFedAvg
 from privrec.federated.engine import FederatedSimulator
+from privrec.federated.mf import BiasOnlyClients
 from privrec.federated.strategies import FedAvg
 from privrec.recsys.data import random_split, synthetic_movielens
 
@@ -41,7 +42,7 @@ def test_noise_multiplier_is_the_wrappers_calibration():
 
 
 def test_bias_only_clients_share_and_upload_only_biases(setup):
-    clients = ul.BiasOnlyClients(setup.train, n_users=setup.n_users, n_items=setup.n_items)
+    clients = BiasOnlyClients(setup.train, n_users=setup.n_users, n_items=setup.n_items)
     shared = clients.shared_state()
     assert set(shared) == {"item_bias", "global_bias"}
     uploads = clients.local_training(shared, torch.arange(clients.n_clients))
@@ -113,12 +114,33 @@ def test_search_grid_and_ledgers(setup, monkeypatch):
     release = ul.grid_run(setup, search, epsilon=2.0, sample_rate=1.0)
     assert n_runs == 4 + len(search.stage_c[2.0])
     assert book.epsilon() > release["ledger_epsilon"] + 1.0
-    assert book.unit == "user" and book.delta == setup.delta
+    assert book.unit == "user" and book.delta == default_delta(setup.n_users)
     assert us.search_cost(setup, search).loc[2.0, "search runs"] == n_runs
     table, verdict = ul.extra_cohort(setup, search, surface, clients=15, neighbours=(6, 30),
                                      epsilons=(2.0, math.inf))
     assert list(table.index) == ["6", "15", "30"] and list(table.columns) == [2.0, math.inf]
-    assert "of 2 epsilons" in verdict
+    assert "of 2 epsilons" in verdict and verdict.startswith("test RMSE, user-level epsilon")
+    assert table.to_string(float_format="{:.4f}".format) in verdict
+    # what the chapter prints: the runs above, at most 80 characters a line
+    refs = {"global mean": {"rmse": 1.1, "ndcg": 0.4}, "bias-only": {"rmse": 0.95, "ndcg": 0.8}}
+    texts = {"setup": ul.setup_text(setup), "search": us.search_text(search),
+             "headline": us.headline_text(setup, search, refs, epsilon=2.0),
+             "cost": us.search_cost_text(setup, search, epsilon=2.0),
+             "surface": ul.surface_text(setup, search, surface, epsilon=2.0),
+             "device": ul.cross_device_text(setup, surface, surface.iloc[:2], clip_norm=0.5,
+                                            epsilon=2.0)}
+    assert all(len(line) <= 80 for text in texts.values() for line in text.splitlines())
+    assert f"chosen: d = {search.tuned['dim']}" in texts["search"]
+    assert f"{n_runs} distinct search runs" in texts["cost"]
+    assert texts["headline"].count("user-level ε = ") == 2  # both private models' ledgers
+    assert "silo-level ε = " in texts["surface"] and "over 15 users" in texts["surface"]
+    assert f"delta = {default_delta(setup.n_users):.0e}" in texts["device"]
+    curves = ul.panel_curves(surface, "cross-device")
+    assert list(curves) == ["m = 6", "m = 30"]  # increasing cohort, positions of each epsilon
+    assert all(x == [0, 1] and len(y) == 2 for x, y in curves.values())
+    spec = ul.explorer_spec(setup, surface, refs)
+    assert len(spec["records"]) == 4 and "rmse" in spec["references"][0]
+    assert "ndcg" not in spec["references"][0]  # the global mean ranks nothing
     # a second call reads the cache: identical rows
     assert ul.grid_run(setup, search, epsilon=2.0, sample_rate=1.0) == release
 
@@ -143,6 +165,8 @@ def test_sybil_cohort_isolates_the_victim_and_masking_hides_it(setup, monkeypatc
     attacks = uu.upload_attacks(setup, sim, dp)
     assert attacks.loc["received", "precision"] == 1.0
     assert attacks.loc["received", "rating RMSE"] < 1e-3
+    assert attacks.loc["device-clipped", "rating RMSE"] > 0.1  # clipping rescales, inversion errs
+    assert uu.upload_text(setup, sim, dp).endswith(f"noise multiplier {dp.noise_multiplier:.2f}")
 
 
 def test_shortfall_raises_epsilon():
@@ -151,3 +175,5 @@ def test_shortfall_raises_epsilon():
     assert eps.iloc[0] == pytest.approx(8.0, abs=0.02)
     assert (eps.iloc[1:] > eps.iloc[0]).all()
     assert table["noise multiplier"].iloc[0] == planned
+    text = uu.shortfall_text(n_users=200, rounds=5, clients=40)
+    assert f"planned sigma = {planned:.3f};" in text and len(text.splitlines()) == 8

@@ -19,18 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..core.checks import (
-    choice,
-    epsilon_or_inf,
-    flag,
-    in_range,
-    instance,
-    int_in,
-    non_negative,
-    positive,
-    real,
-)
-from ..core.checks import seed as check_seed
+from ..core import checks
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyEvent, PrivacyLedger
 from ..dp.primitives import gaussian_noise
@@ -64,15 +53,14 @@ def bias_events(noise_multiplier: float, *, unit: str) -> list[PrivacyEvent]:
     """The releases of :func:`private_biases` (unit ``"rating"``: two) or
     :func:`private_item_popularity` (``"interaction"``: one), at noise multiplier ``z``: full-batch
     Gaussian releases, each with std ``z`` times its L2 sensitivity."""
-    names = _RELEASES[choice("unit", unit, tuple(_RELEASES))]
+    names = _RELEASES[checks.choice("unit", unit, tuple(_RELEASES))]
     return [PrivacyEvent(name, "gaussian", noise_multiplier, 1.0, 1, unit) for name in names]
 
 
 def _ledger_for(ledger: PrivacyLedger | None, unit: str, n_units: int) -> PrivacyLedger:
     if ledger is None:
         return PrivacyLedger(unit=unit, n_units=n_units)
-    if not isinstance(ledger, PrivacyLedger):
-        raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
+    checks.instance("ledger", ledger, PrivacyLedger)
     if ledger.unit != unit:
         raise ValueError(f"ledger unit must be {unit!r}, got {ledger.unit!r}")
     return ledger
@@ -84,9 +72,9 @@ def noisy_row_sums(index: torch.Tensor, values: torch.Tensor, size: int, std: fl
     :math:`\\mathcal N(0, \\text{std}^2)` on *every* row of ``size``, rated or not: one Gaussian
     release (std = noise multiplier x L2 sensitivity). Counts are clamped at 0 afterwards
     (post-processing)."""
-    instance("index", index, torch.Tensor)
-    instance("values", values, torch.Tensor)
-    size = int_in("size", size, 1)
+    checks.instance("index", index, torch.Tensor)
+    checks.instance("values", values, torch.Tensor)
+    size = checks.int_in("size", size, 1)
     sums = torch.zeros(size, dtype=torch.double).index_add_(0, index, values)
     counts = torch.bincount(index, minlength=size).double()
     sums += gaussian_noise((size,), std=std, generator=generator, dtype=torch.double)
@@ -132,16 +120,18 @@ def private_biases(train: pd.DataFrame, *, n_users: int, n_items: int, noise_mul
         For bad parameters or a ledger about another unit than ``"rating"``.
     """
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")
-    z = non_negative("noise_multiplier", noise_multiplier)
+    z = checks.non_negative("noise_multiplier", noise_multiplier)
     ledger = _ledger_for(ledger, "rating", len(train))
-    center, reg_user, reg_item = (real("center", center), non_negative("reg_user", reg_user),
-                                  non_negative("reg_item", reg_item))
-    bounds = positive("rating_bound", rating_bound), positive("residual_bound", residual_bound)
+    center, reg_user, reg_item = (checks.real("center", center),
+                                  checks.non_negative("reg_user", reg_user),
+                                  checks.non_negative("reg_item", reg_item))
+    bounds = (checks.positive("rating_bound", rating_bound),
+              checks.positive("residual_bound", residual_bound))
     stds = [z * math.sqrt(b ** 2 + 1.0) for b in bounds]
     users, items, ratings = ratings_to_tensors(train)
     ratings = ratings.double()
-    gen = torch.Generator().manual_seed(check_seed("seed", seed))
-    boost = 1.0 if flag("noise_aware", noise_aware) else 0.0
+    gen = torch.Generator().manual_seed(checks.seed("seed", seed))
+    boost = 1.0 if checks.flag("noise_aware", noise_aware) else 0.0
     s_i, n_i = noisy_row_sums(items, (ratings - center).clamp(-bounds[0], bounds[0]), n_items,
                            stds[0], gen)
     offset = float(s_i.sum() / n_i.sum().clamp(min=1.0))
@@ -171,13 +161,14 @@ def private_item_popularity(train: pd.DataFrame, *, n_users: int, n_items: int,
     (post-processing). User biases do not change a user's ranking and stay 0.
     """
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")
-    z = non_negative("noise_multiplier", noise_multiplier)
+    z = checks.non_negative("noise_multiplier", noise_multiplier)
     ledger = _ledger_for(ledger, "interaction", len(train))
     counts = torch.bincount(torch.as_tensor(train["item"].to_numpy()), minlength=n_items).double()
-    gen = torch.Generator().manual_seed(check_seed("seed", seed))
+    gen = torch.Generator().manual_seed(checks.seed("seed", seed))
     counts = (counts + gaussian_noise((n_items,), std=z, generator=gen, dtype=torch.double))
     counts = counts.clamp(min=0.5)
-    item_bias = torch.log(counts * n_items / (int_in("n_negatives", n_negatives, 1) * counts.sum()))
+    negatives = checks.int_in("n_negatives", n_negatives, 1)
+    item_bias = torch.log(counts * n_items / (negatives * counts.sum()))
     for event in bias_events(z, unit="interaction"):
         ledger.record(event)
     return PrivateBiases(global_mean=0.0, user_bias=torch.zeros(n_users),
@@ -213,9 +204,9 @@ def fit_private_bias_residual(train: pd.DataFrame, *, n_users: int, n_items: int
     its steps go on the same ledger. The returned ``FitResult.ledger.epsilon()`` is the model's ε.
     ``target_epsilon=math.inf`` runs the same pipeline without noise (ε = ∞).
     """
-    unit = LOSS_UNITS[choice("loss", loss, tuple(LOSS_UNITS))]
-    target = epsilon_or_inf("target_epsilon", target_epsilon)
-    bias_share = in_range("bias_share", bias_share, 0.0, 1.0, closed_high=False)
+    unit = LOSS_UNITS[checks.choice("loss", loss, tuple(LOSS_UNITS))]
+    target = checks.epsilon_or_inf("target_epsilon", target_epsilon)
+    bias_share = checks.in_range("bias_share", bias_share, 0.0, 1.0, closed_high=False)
     if bias_share == 0.0:
         raise ValueError("bias_share must be in (0, 1), got 0.0")
     validate_ratings(train, n_users=n_users, n_items=n_items, name="train")

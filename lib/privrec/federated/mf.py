@@ -45,8 +45,8 @@ from .mf_local import (
 from .partitions import Partition, partition_or_default
 from .updates import ClientUpdates
 
-__all__ = ["FederatedMF", "PUBLIC_GLOBAL_MEAN", "initial_parameters", "initial_shared_state",
-           "sample_fake_items", "add_fake_items"]
+__all__ = ["FederatedMF", "BiasOnlyClients", "PUBLIC_GLOBAL_MEAN", "initial_parameters",
+           "initial_shared_state", "sample_fake_items", "add_fake_items"]
 
 #: The server's initial global bias: the middle of the 1-5 star scale, a public constant (the
 #: training mean would be a statistic of the private data, released by the first broadcast).
@@ -153,6 +153,9 @@ class FederatedMF:
         if len(ratings) == 0:
             raise ValueError("train must not be empty")
         self.partition = partition_or_default(partition, self.n_users)
+        #: The FederatedModel protocol's ``n_clients`` and ``privacy_unit`` (what a client-level
+        #: guarantee protects: ``"user"`` cross-device, ``"silo"``), fixed by the partition.
+        self.n_clients, self.privacy_unit = self.partition.n_clients, self.partition.privacy_unit
         self.dim = int_in("dim", dim, 1)
         self.local_epochs = int_in("local_epochs", local_epochs, 1)
         self.local_lr = positive("local_lr", local_lr)
@@ -183,16 +186,6 @@ class FederatedMF:
         self.user_bias = init.user_bias.detach().clone()
 
     # -- the FederatedModel protocol ----------------------------------------------------------
-
-    @property
-    def n_clients(self) -> int:
-        """Number of clients of the partition."""
-        return self.partition.n_clients
-
-    @property
-    def privacy_unit(self) -> str:
-        """What a client-level guarantee protects: ``"user"`` (cross-device) or ``"silo"``."""
-        return self.partition.privacy_unit
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The initial shared parameters, :func:`initial_shared_state` of :attr:`initial_config`:
@@ -258,6 +251,53 @@ class FederatedMF:
         return (f"FederatedMF({self.partition.name}, dim={self.dim}, "
                 f"local_epochs={self.local_epochs}, local_lr={self.local_lr:g}, "
                 f"user_solver={self.user_solver!r}, engine={self.engine!r})")
+
+
+class BiasOnlyClients:
+    """The bias-only model :math:`\\mu + b_u + b_i` as federated clients (a FederatedModel).
+
+    A :class:`FederatedMF` of dimension 1 whose factors start at zero and
+    whose item factors are never shared: with :math:`p_u = v_i = 0` the closed-form user solve
+    keeps :math:`p_u = 0` and no factor receives a gradient, so each client solves :math:`b_u`
+    on the device and uploads the change of the item biases and :math:`\\mu` only. The shared
+    state, the clipped norm and the noise cover exactly those :math:`|I| + 1` numbers.
+    """
+
+    FACTORS = "item_factors"
+
+    def __init__(self, ratings: pd.DataFrame, *, n_users: int, n_items: int, **kwargs) -> None:
+        self.clients = FederatedMF(ratings, n_users=n_users, n_items=n_items, dim=1,
+                                   init_std=0.0, **kwargs)
+        self._zero = torch.zeros(n_items, 1)
+
+    n_clients = property(lambda self: self.clients.n_clients)
+    privacy_unit = property(lambda self: self.clients.privacy_unit)
+    upload = property(lambda self: self.clients.upload)
+
+    def _with_factors(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.FACTORS: self._zero, **shared}
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Item biases and :math:`\\mu` (public initial values)."""
+        return {k: v for k, v in self.clients.shared_state().items() if k != self.FACTORS}
+
+    def chunks(self, clients: torch.Tensor, max_examples: int) -> list[torch.Tensor]:
+        return self.clients.chunks(clients, max_examples)
+
+    def local_training(self, shared: dict[str, torch.Tensor], clients: torch.Tensor):
+        """FederatedMF's local training at zero factors; the (all-zero) factor rows are dropped."""
+        uploads = self.clients.local_training(self._with_factors(shared), clients)
+        factors = uploads.rows.pop(self.FACTORS)
+        if bool(factors.values.any()):
+            raise RuntimeError("a bias-only client changed a factor row")
+        return uploads
+
+    def released_model(self, shared: dict[str, torch.Tensor]) -> BiasedMF:
+        """Every user's personalised model (factors zero): the bias-only predictions."""
+        return self.clients.released_model(self._with_factors(shared))
+
+    def evaluate(self, shared: dict[str, torch.Tensor], test: pd.DataFrame) -> dict[str, float]:
+        return evaluate_ratings(self.released_model(shared), test)
 
 
 # -- FedRec's defence (Lin et al. 2020): fake items with pseudo-ratings --------------------------

@@ -9,8 +9,9 @@ ledger as JSON (:meth:`~privrec.dp.ledger.PrivacyLedger.to_json`). The settings 
 of :mod:`~privrec.course.experiments.user_level_search` (its ``Search``, passed as ``search``).
 
 The private bias-only baseline is the same DP-FedAvg on the bias-only model
-(:class:`BiasOnlyClients`): same users, ε, δ and unit, so "does the embedding model beat it?" is
-a comparison of two user-level guarantees of the same kind (:func:`paired_bias`).
+(:class:`~privrec.federated.mf.BiasOnlyClients`): same users, ε, δ and unit, so "does the
+embedding model beat it?" is a comparison of two user-level guarantees of the same kind
+(:func:`paired_bias`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 
 from ...core.checks import epsilon_or_inf
 from ...dp import accounting, events, ledger, primitives
@@ -31,6 +31,7 @@ from ...dp.ledger import PrivacyLedger, default_delta
 from ...federated import dpfedavg, engine, mf, mf_local, partitions, strategies, updates
 from ...federated.dpfedavg import DPFedAvg, round_events
 from ...federated.engine import FederatedMF, FederatedSimulator
+from ...federated.mf import BiasOnlyClients
 from ...federated.partitions import iid_partition, subsample_users
 from ...federated.strategies import FedAvg
 from ...recsys import data, metrics, models, train
@@ -39,12 +40,14 @@ from ...recsys.metrics import evaluate_ratings, heldout_ndcg
 from ...recsys.models import BiasedMF
 from ...recsys.train import fit_bias_baseline, fit_explicit, global_mean_model
 from ..book import cached_json
+from .dp_basics import compact_summary
 from .private_training_studies import paired_intervals
 
 __all__ = ["EPSILONS", "CLIENTS", "POPULATIONS", "POPULATION_RATE", "SILOS", "SILO_EPSILONS",
-           "Setup", "load_setup", "noise_multiplier", "BiasOnlyClients", "train_run", "code_version",
-           "digest", "grid_run", "surface", "noise_on_average", "explorer_records", "references",
-           "bias_curve", "paired_bias", "bias_verdicts", "extra_cohort"]
+           "Setup", "load_setup", "noise_multiplier", "train_run", "code_version",
+           "digest", "grid_run", "surface", "noise_on_average", "explorer_spec", "references",
+           "bias_curve", "paired_bias", "bias_verdicts", "extra_cohort", "setup_text", "ledger_text",
+           "surface_text", "cross_device_text", "PANELS", "panel_curves"]
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
 """User-level (or silo-level) ε of the grid; ``inf``: clipping without noise."""
@@ -64,7 +67,8 @@ _LIBRARY = (accounting, events, ledger, primitives, dpfedavg, engine, mf, mf_loc
 
 @dataclass(frozen=True)
 class Setup:
-    """ML-100K's seeded 80/20 split and the validation split carved from its training part."""
+    """ML-100K's seeded 80/20 split and the validation split carved from its training part; the
+    user-level δ of every run is :func:`~privrec.dp.ledger.default_delta` of ``n_users``."""
 
     ratings: pd.DataFrame
     n_users: int
@@ -73,11 +77,6 @@ class Setup:
     test: pd.DataFrame
     fit: pd.DataFrame
     val: pd.DataFrame
-
-    @property
-    def delta(self) -> float:
-        """User-level δ: :func:`~privrec.dp.ledger.default_delta` of the number of users."""
-        return default_delta(self.n_users)
 
 
 def load_setup(source: str | None = None) -> Setup:
@@ -88,63 +87,23 @@ def load_setup(source: str | None = None) -> Setup:
                  *random_split(train_set, test_fraction=0.2, seed=1))
 
 
-@functools.cache
 def noise_multiplier(epsilon: float, *, sample_rate: float, rounds: int, n_units: int,
                      unit: str = "user", delta: float | None = None) -> float:
     """σ of ``rounds`` DP-FedAvg rounds at ``sample_rate`` that spend ``epsilon`` (``inf``: 0):
-    the ledger's calibration that :meth:`DPFedAvg.calibrated` runs, searched once per process."""
-    if math.isinf(epsilon_or_inf("epsilon", epsilon)):
+    the ledger's calibration that :meth:`DPFedAvg.calibrated` runs. The population enters only
+    through δ (default :func:`~privrec.dp.ledger.default_delta`), so populations with the same δ
+    share one search, run once per process."""
+    delta = PrivacyLedger(unit=unit, n_units=n_units, delta=delta).delta  # checks δ·N
+    return _calibrated(epsilon_or_inf("epsilon", epsilon), sample_rate, rounds, unit, delta)
+
+
+@functools.cache
+def _calibrated(epsilon: float, sample_rate: float, rounds: int, unit: str, delta: float) -> float:
+    if math.isinf(epsilon):
         return 0.0
-    return PrivacyLedger(unit=unit, n_units=n_units, delta=delta).calibrate(
+    return PrivacyLedger(unit=unit, delta=delta).calibrate(
         lambda z: round_events(z, sample_rate=sample_rate, rounds=rounds, unit=unit),
         target_epsilon=epsilon)
-
-
-class BiasOnlyClients:
-    """The bias-only model :math:`\\mu + b_u + b_i` as federated clients (a FederatedModel).
-
-    A :class:`~privrec.federated.mf.FederatedMF` of dimension 1 whose factors start at zero and
-    whose item factors are never shared: with :math:`p_u = v_i = 0` the closed-form user solve
-    keeps :math:`p_u = 0` and no factor receives a gradient, so each client solves :math:`b_u`
-    on the device and uploads the change of the item biases and :math:`\\mu` only. The shared
-    state, the clipped norm and the noise cover exactly those :math:`|I| + 1` numbers.
-    """
-
-    FACTORS = "item_factors"
-
-    def __init__(self, ratings: pd.DataFrame, *, n_users: int, n_items: int, **kwargs) -> None:
-        self.clients = FederatedMF(ratings, n_users=n_users, n_items=n_items, dim=1,
-                                   init_std=0.0, **kwargs)
-        self._zero = torch.zeros(n_items, 1)
-
-    n_clients = property(lambda self: self.clients.n_clients)
-    privacy_unit = property(lambda self: self.clients.privacy_unit)
-    upload = property(lambda self: self.clients.upload)
-
-    def _with_factors(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.FACTORS: self._zero, **shared}
-
-    def shared_state(self) -> dict[str, torch.Tensor]:
-        """Item biases and :math:`\\mu` (public initial values)."""
-        return {k: v for k, v in self.clients.shared_state().items() if k != self.FACTORS}
-
-    def chunks(self, clients: torch.Tensor, max_examples: int) -> list[torch.Tensor]:
-        return self.clients.chunks(clients, max_examples)
-
-    def local_training(self, shared: dict[str, torch.Tensor], clients: torch.Tensor):
-        """FederatedMF's local training at zero factors; the (all-zero) factor rows are dropped."""
-        uploads = self.clients.local_training(self._with_factors(shared), clients)
-        factors = uploads.rows.pop(self.FACTORS)
-        if bool(factors.values.any()):
-            raise RuntimeError("a bias-only client changed a factor row")
-        return uploads
-
-    def released_model(self, shared: dict[str, torch.Tensor]) -> BiasedMF:
-        """Every user's personalised model (factors zero): the bias-only predictions."""
-        return self.clients.released_model(self._with_factors(shared))
-
-    def evaluate(self, shared: dict[str, torch.Tensor], test: pd.DataFrame) -> dict[str, float]:
-        return evaluate_ratings(self.released_model(shared), test)
 
 
 def _clients(ratings: pd.DataFrame, *, n_users: int, n_items: int, dim: int, partition=None,
@@ -189,7 +148,7 @@ def train_run(ratings: pd.DataFrame, *, n_users: int, n_items: int, epsilon: flo
 @functools.cache
 def code_version() -> str:
     """Digest of the library code every run depends on (part of every cache key)."""
-    own = (noise_multiplier, BiasOnlyClients, _clients, train_run, _grid_row, _test_scores,
+    own = (noise_multiplier, _calibrated, _clients, train_run, _grid_row, _test_scores,
            references)
     text = "".join(inspect.getsource(m) for m in _LIBRARY + own)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -275,12 +234,21 @@ def noise_on_average(grid: pd.DataFrame, *, clip_norm: float, epsilon: float = 8
                          "test RMSE": rows["rmse"]})
 
 
-def explorer_records(grid: pd.DataFrame) -> list[dict]:
-    """The cross-device runs as records for :func:`~privrec.course.explorer.explorer_html`."""
+def explorer_spec(setup: Setup, grid: pd.DataFrame, refs: dict[str, dict]) -> dict:
+    """The arguments of :func:`~privrec.course.explorer.explorer_html` for the cross-device runs
+    (ε × m) with the non-private references (the global mean ranks nothing: RMSE only)."""
     device = grid[grid["panel"] == "cross-device"]
-    return [{"epsilon": r.epsilon, "clients": int(r.clients), "rmse": r.rmse, "ndcg": r.ndcg,
-             "note": f"σ={r.sigma:.2f}, T={r.rounds}, ledger ε={r.ledger_epsilon:g}"}
-            for r in device.itertuples()]
+    records = [{"epsilon": r.epsilon, "clients": int(r.clients), "rmse": r.rmse, "ndcg": r.ndcg,
+                "note": f"σ={r.sigma:.2f}, T={r.rounds}, ledger ε={r.ledger_epsilon:g}"}
+               for r in device.itertuples()]
+    return {"records": records, "controls": ["epsilon", "clients"], "series": "clients",
+            "metrics": {"rmse": "test RMSE", "ndcg": "held-out NDCG@10"},
+            "references": [{"label": name, **({"rmse": r["rmse"]} if name == "global mean" else r)}
+                           for name, r in refs.items()],
+            "initial": {"epsilon": 8.0, "clients": setup.n_users},
+            "control_labels": {"epsilon": "user-level ε", "clients": "clients per round m"},
+            "epsilon_label": f"user-level ε (δ = {default_delta(setup.n_users):.0e})",
+            "title": f"DP-FedAvg on ML-100K: user-level ε × clients per round (N = {setup.n_users})"}
 
 
 def references(setup: Setup) -> dict[str, dict]:
@@ -305,8 +273,9 @@ def references(setup: Setup) -> dict[str, dict]:
 # -- the private bias-only baseline --------------------------------------------------------------
 
 def bias_curve(setup: Setup, search) -> pd.DataFrame:
-    """The private bias-only model (:class:`BiasOnlyClients`) through the same DP-FedAvg, every
-    user in every round, at every ε with the searched C, lr_s and T: test RMSE and NDCG@10."""
+    """The private bias-only model (:class:`~privrec.federated.mf.BiasOnlyClients`) through the
+    same DP-FedAvg, every user in every round, at every ε with the searched C, lr_s and T: test
+    RMSE and NDCG@10."""
     return pd.DataFrame([grid_run(setup, search, epsilon=e, sample_rate=1.0, bias_only=True)
                          for e in EPSILONS])
 
@@ -335,7 +304,8 @@ def extra_cohort(setup: Setup, search, grid: pd.DataFrame, *, clients: int = 500
                  neighbours: tuple[int, int] = (300, 943),
                  epsilons: Sequence[float] = SILO_EPSILONS) -> tuple[pd.DataFrame, str]:
     """Exercise 2: cross-device runs with ``clients`` a round at ``epsilons``, between its
-    ``neighbours`` of the grid: test RMSE (rows m, columns ε) and what the rows show."""
+    ``neighbours`` of the grid: the test RMSE (rows m, columns ε) and the text printed (the
+    table and what its rows show)."""
     extra = pd.DataFrame([grid_run(setup, search, epsilon=e, sample_rate=clients / setup.n_users)
                           for e in epsilons])
     device = grid[(grid["panel"] == "cross-device") & grid["clients"].isin(neighbours)
@@ -344,8 +314,72 @@ def extra_cohort(setup: Setup, search, grid: pd.DataFrame, *, clients: int = 500
     lo, hi = table.loc[list(neighbours)].min(), table.loc[list(neighbours)].max()
     between = (table.loc[clients] >= lo - 1e-4) & (table.loc[clients] <= hi + 1e-4)
     gap = (extra["ledger_epsilon"] - extra["epsilon"]).iloc[:-1].abs().max()
-    return table.rename(index="{:g}".format), (
+    table = table.rename(index="{:g}".format)
+    return table, (
+        f"test RMSE, user-level epsilon (delta = {default_delta(setup.n_users):.0e}), m = "
+        f"{neighbours[0]}, {clients} and {neighbours[1]}\n"
+        f"{table.to_string(float_format='{:.4f}'.format)}\n"
         f"m = {clients} lies between m = {neighbours[0]} and m = {neighbours[1]} (to 1e-4) at "
         f"{int(between.sum())} of {len(between)} epsilons;\nlarger m better at every epsilon: "
         f"{bool((table.diff().dropna() <= 1e-4).all().all())}; the m = {clients} ledgers' "
         f"largest\n|epsilon - target|: {gap:.3f}")
+
+
+# -- what the chapter prints and draws ----------------------------------------------------------
+
+def ledger_text(run: dict) -> str:
+    """:func:`~privrec.course.experiments.dp_basics.compact_summary` of a run's ledger (JSON)."""
+    return compact_summary(PrivacyLedger.from_json(run["ledger"]))
+
+
+def setup_text(setup: Setup) -> str:
+    """The number of users, their δ (:func:`~privrec.dp.ledger.default_delta`) and the splits."""
+    delta, n = default_delta(setup.n_users), setup.n_users
+    return (f"N = {n} users; user-level delta = {delta:.0e}, delta * N = {delta * n:.4f}\n"
+            f"{len(setup.fit):,} fit + {len(setup.val):,} validation ratings (both from "
+            f"training); {len(setup.test):,} test\nratings, used only to report chosen models")
+
+
+def surface_text(setup: Setup, search, grid: pd.DataFrame, *, epsilon: float = 8.0) -> str:
+    """How close every ledger is to its target ε, the δ of each privacy unit, and the ledgers of
+    the smallest population and of the fewest silos at ``epsilon``."""
+    finite = grid[grid["epsilon"] < math.inf]
+    gap = (finite["ledger_epsilon"] - finite["epsilon"]).abs().max()
+    deltas = grid.groupby("unit")["delta"].agg(["min", "max"]).rename_axis("privacy unit")
+    extra = [grid_run(setup, search, epsilon=epsilon, sample_rate=POPULATION_RATE,
+                      population=POPULATIONS[0]),
+             grid_run(setup, search, epsilon=epsilon, sample_rate=1.0, silos=SILOS[0])]
+    return "\n".join([f"{len(grid)} configurations; largest |ledger epsilon - target| over the "
+                      f"finite ones: {gap:.3f}", deltas.to_string(float_format="{:.0e}".format)]
+                     + ["\n" + ledger_text(r) for r in extra])
+
+
+def cross_device_text(setup: Setup, grid: pd.DataFrame, bias: pd.DataFrame, *, clip_norm: float,
+                      epsilon: float = 8.0) -> str:
+    """The cross-device test RMSE (rows m, columns ε), the private bias-only curve (``bias``:
+    :func:`bias_curve`) and :func:`noise_on_average` at ``epsilon``."""
+    device = grid[grid["panel"] == "cross-device"].pivot(index="clients", columns="epsilon",
+                                                         values="rmse")
+    return "\n".join([
+        f"test RMSE, cross-device, N = {setup.n_users}, user-level epsilon (delta = "
+        f"{default_delta(setup.n_users):.0e});", "rows: expected clients per round m",
+        device.rename(index="{:g}".format).to_string(float_format="{:.4f}".format),
+        "private bias-only, q = 1: " + " ".join(f"{x:.4f}" for x in bias["rmse"]),
+        f"\nat user-level epsilon = {epsilon:g}: sigma and the noise std on the average, "
+        "sigma*C/m", noise_on_average(grid, clip_norm=clip_norm, epsilon=epsilon).to_string(
+            index=False)])
+
+
+PANELS = {"cross-device": ("clients", "m = {:g}"), "population": ("population", "N = {:g}"),
+          "cross-silo": ("silos", "K = {:g} silos")}
+"""Panel of the surface -> (the column its curves differ in, the curve label)."""
+
+
+def panel_curves(grid: pd.DataFrame, panel: str) -> dict[str, tuple[list[int], list[float]]]:
+    """One panel's curves: label -> (positions of its ε in :data:`EPSILONS`, test RMSE), in
+    increasing ε."""
+    key, label = PANELS[panel]
+    frame = grid[grid["panel"] == panel].sort_values([key, "epsilon"], kind="stable")
+    return {label.format(value): ([EPSILONS.index(e) for e in rows["epsilon"]],
+                                  rows["rmse"].tolist())
+            for value, rows in frame.groupby(key, sort=True)}

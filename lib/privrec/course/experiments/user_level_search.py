@@ -31,10 +31,12 @@ from ...dp.ledger import PrivacyLedger
 from ...recsys.metrics import evaluate_ratings
 from ..book import cached_json
 from . import user_level
+from .dp_basics import compact_summary
 from .user_level import EPSILONS, Setup, grid_run, train_run
 
 __all__ = ["ROUNDS", "STAGE_A", "DIMS", "validation_run", "Search", "search_rounds",
-           "staged_search", "search_tables", "search_ledger", "search_cost"]
+           "staged_search", "search_tables", "search_ledger", "search_cost", "search_text",
+           "headline_text", "search_cost_text"]
 
 ROUNDS = (10, 25, 50, 100, 200)
 """Stage C's candidates for the number of rounds T, tried in this order."""
@@ -149,8 +151,6 @@ def search_tables(search: Search) -> tuple[pd.DataFrame, pd.DataFrame]:
     return ab, c
 
 
-
-
 # -- what the search cost ------------------------------------------------------------------------
 
 def search_ledger(setup: Setup, search: Search, epsilon: float) -> tuple[PrivacyLedger, int]:
@@ -159,7 +159,7 @@ def search_ledger(setup: Setup, search: Search, epsilon: float) -> tuple[Privacy
     of search runs. Composed from the runs' own ledgers (JSON) with ``extend``."""
     runs = {tuple(r[k] for k in ("epsilon", "dim", "clip_norm", "server_lr", "rounds")): r
             for r in search.stage_a + search.stage_b + search.stage_c[epsilon]}
-    book = PrivacyLedger(unit="user", n_units=setup.n_users, delta=setup.delta)
+    book = PrivacyLedger(unit="user", n_units=setup.n_users)  # δ: default_delta(N)
     for r in runs.values():
         book.extend(PrivacyLedger.from_json(r["ledger"]), prefix=f"search, ε={r['epsilon']:g}: ")
     release = grid_run(setup, search, epsilon=epsilon, sample_rate=1.0)
@@ -176,3 +176,44 @@ def search_cost(setup: Setup, search: Search) -> pd.DataFrame:
         rows[e] = {"T": search.rounds_for[e], "search runs": n_runs,
                    "ε of search + release": round(book.epsilon(), 2)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("target ε")
+
+
+# -- what the chapter prints --------------------------------------------------------------------
+
+def search_text(search: Search) -> str:
+    """Every candidate of stages A and B and stage C's table (:func:`search_tables`) with the
+    choices."""
+    ab, c = search_tables(search)
+    tuned = search.tuned
+    return "\n".join([
+        "stages A (C x lr_s at d = 8) and B (d): user-level epsilon = 8, q = 1, T = 100,",
+        f"sigma = {search.stage_a[0]['sigma']:.4f} for every candidate", ab.to_string(index=False),
+        f"\nchosen: d = {tuned['dim']}, C = {tuned['clip_norm']:g}, lr_s = {tuned['server_lr']:g}",
+        "\nstage C: validation RMSE by rounds T (rows) and user-level epsilon (columns),",
+        "q = 1; blank: not run (the RMSE had risen at the T before)",
+        c.to_string(float_format="{:.4f}".format, na_rep=""),
+        "chosen T: " + ", ".join(f"{e:g}: {t}" for e, t in search.rounds_for.items())])
+
+
+def headline_text(setup: Setup, search: Search, refs: dict[str, dict], *,
+                  epsilon: float = 8.0) -> str:
+    """The tuned model and the private bias-only model at user-level ``epsilon``, q = 1, next to
+    the non-private references ``refs`` (test RMSE, NDCG@10); then the private models' ledgers."""
+    runs = {f"DP-FedAvg MF (user-level eps = {epsilon:g})":
+            grid_run(setup, search, epsilon=epsilon, sample_rate=1.0),
+            f"DP-FedAvg bias-only (eps = {epsilon:g})":
+            grid_run(setup, search, epsilon=epsilon, sample_rate=1.0, bias_only=True)}
+    rows = runs | {f"{name} (non-private)": r for name, r in refs.items()}
+    return "\n".join([f"{name:<35} test RMSE {r['rmse']:.4f}  NDCG@10 {r['ndcg']:.4f}"
+                      for name, r in rows.items()]
+                     + ["\n" + user_level.ledger_text(r) for r in runs.values()])
+
+
+def search_cost_text(setup: Setup, search: Search, *, epsilon: float = 8.0) -> str:
+    """:func:`search_ledger` at ``epsilon`` and :func:`search_cost` at every finite target."""
+    spent, n_runs = search_ledger(setup, search, epsilon)
+    return "\n".join([
+        f"the model at user-level epsilon = {epsilon:g} and the {n_runs} distinct search runs "
+        "behind it:", compact_summary(spent),
+        "\nevery finite target: the search and the released model composed on one ledger",
+        search_cost(setup, search).to_string()])

@@ -19,13 +19,7 @@ import pandas as pd
 import torch
 from scipy.stats import binom
 
-from ...attacks.update_inversion import (
-    invert_ratings,
-    item_set_attack,
-    score_item_sets,
-    score_ratings,
-    true_item_sets,
-)
+from ...attacks.update_inversion import score_ratings
 from ...core.checks import int_in
 from ...dp.ledger import PrivacyLedger
 from ...dp.primitives import clip_factors
@@ -34,10 +28,12 @@ from ...federated.engine import FederatedMF, FederatedSimulator
 from ...federated.secagg import SecureAggregationRound, distributed_gaussian_noise
 from ...federated.strategies import FedAvg
 from ...federated.updates import ClientUpdates
+from .federated import attack_last_round
 from .user_level import Setup, noise_multiplier
 
 __all__ = ["heaviest_user", "private_round", "upload_attacks", "dense_uploads", "flagged_items",
-           "secure_aggregation", "sybil_cohort", "distributed_noise", "shortfall"]
+           "secure_aggregation", "sybil_cohort", "distributed_noise", "shortfall", "upload_text",
+           "shortfall_text"]
 
 
 def heaviest_user(train: pd.DataFrame, *, n_users: int) -> str:
@@ -73,22 +69,26 @@ def device_clipped(sim: FederatedSimulator, dp: DPFedAvg) -> ClientUpdates:
 
 
 def upload_attacks(setup: Setup, sim: FederatedSimulator, dp: DPFedAvg) -> pd.DataFrame:
-    """Chapter 4's attacks on the uploads the server received and on device-clipped ones:
-    item-set precision and recall, rating RMSE, mean per-user correlation with the truth."""
-    model, received = sim.model, sim.last_updates
-    truth = true_item_sets(setup.train, model.partition.client_of_user, received.clients)
+    """Chapter 4's attacks (:func:`~privrec.course.experiments.federated.attack_last_round`) on
+    the uploads the server received and on device-clipped ones: item-set precision and recall,
+    rating RMSE, mean per-user correlation with the truth."""
+    truth = setup.train.rename(columns={"user": "client", "rating": "true"})
     rows = {}
-    for label, upload in (("received", received), ("device-clipped", device_clipped(sim, dp))):
-        found = score_item_sets(item_set_attack(upload), truth)
-        guess = invert_ratings(upload, sim.last_broadcast, local_lr=model.local_lr,
-                               reg=model.reg, bias_reg=model.bias_reg)
-        joined = guess.merge(setup.train.rename(columns={"user": "client", "rating": "true"}),
-                             on=["client", "item"])
+    for label, upload in (("received", None), ("device-clipped", device_clipped(sim, dp))):
+        found, guess = attack_last_round(setup, sim, upload)
+        joined = guess.merge(truth, on=["client", "item"])
         corr = joined.groupby("client")[["rating", "true"]].corr().xs("rating", level=1)["true"]
         rows[label] = {"precision": found["precision"], "recall": found["recall"],
                        "rating RMSE": score_ratings(guess, setup.train)["rmse"],
                        "correlation": float(corr.mean())}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("upload")
+
+
+def upload_text(setup: Setup, sim: FederatedSimulator, dp: DPFedAvg) -> str:
+    """:func:`upload_attacks` as printed, with the round's median pre-clipping norm and σ."""
+    return (upload_attacks(setup, sim, dp).to_string(float_format="{:.3f}".format)
+            + f"\nmedian pre-clipping norm {float(dp.last_norms.median()):.2f} (C = "
+              f"{dp.clip_norm:g}); noise multiplier {dp.noise_multiplier:.2f}")
 
 
 def dense_uploads(upload: ClientUpdates, shapes: dict[str, torch.Size]) -> torch.Tensor:
@@ -191,3 +191,11 @@ def shortfall(*, n_users: int, rounds: int, epsilon: float = 8.0,
         book.extend(round_events(sigma, sample_rate=q, rounds=rounds))
         rows[label] = {"noise multiplier": sigma, "user-level ε": book.epsilon()}
     return planned, pd.DataFrame.from_dict(rows, orient="index").rename_axis("scenario")
+
+
+def shortfall_text(*, n_users: int, rounds: int, epsilon: float = 8.0, clients: int = 100) -> str:
+    """:func:`shortfall` as printed: the plan, then the noise left and its ε per scenario."""
+    planned, table = shortfall(n_users=n_users, rounds=rounds, epsilon=epsilon, clients=clients)
+    return (f"distributed DP, m = {clients} of N = {n_users}, T = {rounds} rounds, planned sigma "
+            f"= {planned:.3f};\nuser-level epsilon if every round carried only the noise that is "
+            "left:\n" + table.to_string(float_format="{:.3f}".format))
