@@ -194,6 +194,19 @@ def test_cached_json_memoises_and_keys_on_config(tmp_path):
     assert first == again == other and first["eps"] == math.inf and len(calls) == 2
 
 
+def test_cached_json_does_not_reuse_results_of_other_arithmetic(tmp_path, monkeypatch):
+    """A result computed with other CPU kernels (its floats differ in the last bits) is recomputed:
+    a chapter run from a warm cache must print what it prints from an empty one."""
+    from privrec.course import book
+
+    calls = []
+    book.cached_json("demo", {"a": 1}, lambda: calls.append(1) or {}, cache_dir=tmp_path)
+    import os
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", os.environ.get("ATEN_CPU_CAPABILITY", "") + "-other")
+    book.cached_json("demo", {"a": 1}, lambda: calls.append(1) or {}, cache_dir=tmp_path)
+    assert len(calls) == 2
+
+
 def test_top_k_breaks_ties_by_smaller_id():
     scores = np.array([1.0, 3.0, 3.0, 2.0, 3.0])
     assert top_k(scores, 3).tolist() == [1, 2, 4]

@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from ..core.arithmetic import arithmetic_tag
+
 __all__ = ["show_source", "seed_everything", "cached_json"]
 
 
@@ -32,8 +34,10 @@ def cached_json(name: str, config: dict, compute, *, modules: tuple = (),
                 cache_dir: str | None = None):
     """Return ``compute()`` for ``config``, memoised as JSON on disk.
 
-    The key hashes ``name``, the JSON of ``config`` and the source code of ``modules``, so editing
-    the library invalidates old results. The cache lives in ``$PRIVREC_CACHE`` (default
+    The key hashes ``name``, the JSON of ``config``, the source code of ``modules`` (so editing the
+    library invalidates old results) and :func:`~privrec.core.arithmetic.arithmetic_tag` (so a
+    result computed with other kernels or threads, whose floats differ in the last bits, is not
+    reused). The cache lives in ``$PRIVREC_CACHE`` (default
     ``~/.cache/privrec``); a fresh machine simply recomputes. Results must be JSON-serialisable;
     ``inf`` is stored as JSON's ``Infinity``.
     """
@@ -44,7 +48,8 @@ def cached_json(name: str, config: dict, compute, *, modules: tuple = (),
 
     root = Path(cache_dir or os.environ.get("PRIVREC_CACHE", Path.home() / ".cache" / "privrec"))
     source = "".join(inspect.getsource(m) for m in modules)
-    key = hashlib.sha256(json.dumps([name, config, source], sort_keys=True, default=str)
+    key = hashlib.sha256(json.dumps([name, config, source, arithmetic_tag()], sort_keys=True,
+                                    default=str)
                          .encode()).hexdigest()[:24]
     path = root / "results" / f"{name}-{key}.json"
     if path.is_file():
