@@ -21,8 +21,9 @@ def _factors(seed: int, clients: int):
 
 
 def federated_lora_product_solution(a, b, delta_a, delta_b):
-    """The weight change :math:`\\bar B\\bar A - BA` that plain federated LoRA applies when the
-    server averages the clients' factor changes separately (Sun et al. 2024)."""
+    """The weight change :math:`\\bar B\\bar A - BA` of plain federated LoRA:
+    the server averages the clients' factor changes separately
+    (Sun et al. 2024)."""
     a_new = np.asarray(a) + np.asarray(delta_a).mean(0)
     b_new = np.asarray(b) + np.asarray(delta_b).mean(0)
     return b_new @ a_new - np.asarray(b) @ np.asarray(a)
@@ -50,8 +51,9 @@ def federated_lora_product(attempt) -> Feedback:
 
 
 def lora_upload_floats_solution(d_in, d_out, rank, ffa):
-    """Floats one client uploads for one LoRA-adapted matrix: :math:`r(d_{in}+d_{out})`, or only
-    :math:`B`'s :math:`r\\,d_{out}` with FFA-LoRA."""
+    """Floats one client uploads for one LoRA-adapted matrix:
+    :math:`r(d_{in}+d_{out})`, or only :math:`B`'s :math:`r\\,d_{out}`
+    with FFA-LoRA."""
     return rank * d_out if ffa else rank * (d_in + d_out)
 
 

@@ -24,26 +24,20 @@ ICLR; McMahan et al. (2018), DP recurrent language models, ICLR.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from ..core.checks import instance, int_in, non_negative, positive
-from ..core.checks import seed as check_seed
-from ..recsys.data import validate_ratings
+from ..core.checks import instance, int_in
 from ..recsys.lora import LoRAEncoder, LoRATwoTower
 from ..recsys.metrics import ranking_metrics
-from ..recsys.models import as_index_tensor
-from ..recsys.two_tower import implicit_batch, negative_pool
-from .updates import ClientUpdates, RowUpdates
+from .two_tower import ImplicitClients
+from .updates import ClientUpdates
 
 __all__ = ["FederatedLoRA", "product_error", "packed_tokens", "client_embeddings"]
 
-_TABLE = "item_bias"
 
-
-class FederatedLoRA:
+class FederatedLoRA(ImplicitClients):
     """Every user a client fine-tuning the LoRA two-tower model (see the module docstring).
 
     Parameters
@@ -64,34 +58,15 @@ class FederatedLoRA:
         For a model of the wrong kind, bad ratings or bad step settings.
     """
 
-    privacy_unit, upload = "user", "sparse"
-
     def __init__(self, model: LoRATwoTower, train: pd.DataFrame, *, local_steps: int = 1,
                  local_batch: int = 4, n_negatives: int = 4, client_lr: float = 5.0,
                  user_lr: float = 1.0, reg: float = 1e-4, negative_items: object = None,
                  personalise_steps: int = 20, seed: int = 0) -> None:
-        self.model = instance("model", model, LoRATwoTower)
-        validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
-        self.train, self.n_clients = train, model.n_users
-        self.shared_names, self.pool = model.shared_parameter_names, negative_pool(model,
-                                                                                   negative_items)
-        self.local_steps = int_in("local_steps", local_steps, 1)
-        self.local_batch = int_in("local_batch", local_batch, 1)
-        self.n_negatives = int_in("n_negatives", n_negatives, 1)
-        self.client_lr = non_negative("client_lr", client_lr)
-        self.user_lr, self.reg = positive("user_lr", user_lr), non_negative("reg", reg)
-        self.personalise_steps = int_in("personalise_steps", personalise_steps, 0)
-        self.generator = torch.Generator().manual_seed(check_seed("seed", seed))
-        users = torch.as_tensor(train["user"].to_numpy(np.int64))
-        order = torch.argsort(users, stable=True)  # each user's items, in row order
-        self.items_by_user = torch.as_tensor(train["item"].to_numpy(np.int64))[order]
-        self.counts = torch.bincount(users, minlength=self.n_clients)
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        super().__init__(instance("model", model, LoRATwoTower), train, local_steps=local_steps,
+                         local_batch=local_batch, n_negatives=n_negatives, client_lr=client_lr,
+                         user_lr=user_lr, reg=reg, negative_items=negative_items,
+                         personalise_steps=personalise_steps, seed=seed)
         self._z: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def examples_per_client(self) -> int:
-        return self.local_steps * self.local_batch * (1 + self.n_negatives)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The model's shared parameters (seeded initialisation: no data statistic)."""
@@ -106,14 +81,6 @@ class FederatedLoRA:
         """Consecutive groups of at most ``max_examples // examples_per_client`` clients."""
         size = max(1, int_in("max_examples", max_examples, 1) // self.examples_per_client)
         return list(torch.split(clients, size))
-
-    def _draw(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = self.counts[clients, None]
-        offsets = (torch.rand(len(clients), self.local_batch, generator=self.generator)
-                   * counts).long().minimum(counts - 1)
-        positives = self.items_by_user[self.starts[clients, None] + offsets]
-        return implicit_batch(positives, self.pool, n_negatives=self.n_negatives,
-                              generator=self.generator)
 
     def _embeddings(self, local: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
         frozen = None if "lora_A" in local or "lora_B" not in local else self._frozen_z()
@@ -136,8 +103,8 @@ class FederatedLoRA:
         vectors = (x @ m.head.base_projection
                    + torch.bmm(torch.bmm(x, local["adapter_down"]), local["adapter_up"]))
         bias = torch.bmm(x, local["text_bias"][..., None])[..., 0] + local["global_bias"][:, None]
-        if _TABLE in local:
-            bias = bias + torch.gather(local[_TABLE], 1, items)
+        if "item_bias" in local:
+            bias = bias + torch.gather(local["item_bias"], 1, items)
         logits = (bias + users["user_bias"][:, None]
                   + (users["user_factors"][:, None, :] * vectors).sum(-1))
         bce = nn.functional.binary_cross_entropy_with_logits(
@@ -147,12 +114,7 @@ class FederatedLoRA:
     def local_training(self, shared: dict[str, torch.Tensor],
                        clients: torch.Tensor) -> ClientUpdates:
         """Train the (sorted) ``clients`` from ``shared``; return their uploads."""
-        clients = as_index_tensor(clients, name="clients", upper=self.n_clients)
-        if bool((clients[1:] <= clients[:-1]).any()):
-            raise ValueError("clients must be sorted and distinct (as the engine samples them)")
-        active = clients[self.counts[clients] > 0]
-        local = {n: shared[n].detach().expand(len(active), *shared[n].shape).clone()
-                 for n in self.shared_names}
+        clients, active, local = self._cohort(shared, clients)
         users = {n: getattr(self.model.head, n).detach()[active].clone()
                  for n in self.model.user_parameter_names}
         touched = []
@@ -170,27 +132,10 @@ class FederatedLoRA:
         with torch.no_grad():
             for n, v in users.items():  # the user rows stay on the devices
                 getattr(self.model.head, n)[active] = v
-        return self._package(clients, active, local, shared, touched)
-
-    def _package(self, clients, active, local, shared, touched) -> ClientUpdates:
         position = torch.searchsorted(clients, active)
-        changes = {}
-        for n, v in local.items():
-            full = torch.zeros(len(clients), *shared[n].shape)
-            changes[n] = full.index_copy_(0, position, v.detach() - shared[n])
-        rows = {}
-        if _TABLE in changes and touched:
-            n_items = self.model.n_items
-            pairs = (position[:, None] * n_items + torch.cat(touched, 1)).reshape(-1)
-            pairs, uses = torch.unique(pairs, return_counts=True)  # sorted by (client, row)
-            pos, row = pairs // n_items, pairs % n_items
-            rows[_TABLE] = RowUpdates(pos, row, changes[_TABLE][pos, row], uses.float())
-        elif _TABLE in changes:
-            empty = torch.zeros(0, dtype=torch.long)
-            rows[_TABLE] = RowUpdates(empty, empty, torch.zeros(0), torch.zeros(0))
-        dense = {n: v for n, v in changes.items() if n != _TABLE}
-        examples = torch.where(self.counts[clients] > 0, float(self.examples_per_client), 0.0)
-        return ClientUpdates(clients, examples, rows, dense)
+        changes = {n: torch.zeros(len(clients), *shared[n].shape).index_copy_(
+            0, position, v.detach() - shared[n]) for n, v in local.items()}
+        return self._package(clients, changes, position, touched)
 
     def released_model(self, shared: dict[str, torch.Tensor]) -> nn.Module:
         """The model with ``shared``, after every client refitted its user rows to it for

@@ -23,7 +23,7 @@ from ..recsys.models import as_index_tensor
 from ..recsys.two_tower import implicit_batch, negative_pool, parameter_names, shared_size
 from .updates import ClientUpdates, RowUpdates
 
-__all__ = ["FederatedImplicit"]
+__all__ = ["ImplicitClients", "FederatedImplicit"]
 
 
 class _Unchecked(nn.Module):
@@ -37,7 +37,80 @@ class _Unchecked(nn.Module):
         return self.model.predict_unchecked(users, items)
 
 
-class FederatedImplicit:
+class ImplicitClients:
+    """What every population of implicit-feedback clients shares: each user a client holding its
+    positives (in a CSR layout) and its user rows, the step settings, one generator for the
+    positives and negatives the clients draw, and the upload of item-indexed tables as the rows a
+    client touched. :class:`FederatedImplicit` and :class:`~privrec.federated.lora.FederatedLoRA`
+    differ only in how a cohort computes its gradients.
+    """
+
+    #: What one client protects (the DP wrapper's ledger unit) and how it uploads.
+    privacy_unit, upload = "user", "sparse"
+
+    def __init__(self, model: nn.Module, train: pd.DataFrame, *, local_steps: int,
+                 local_batch: int, n_negatives: int, client_lr: float, user_lr: float,
+                 reg: float, negative_items: object, personalise_steps: int, seed: int) -> None:
+        self.user_names, self.shared_names = parameter_names(model)
+        validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
+        self.model, self.n_clients = model, model.n_users
+        self.train = train[["user", "item", "rating"]]  # what evaluate excludes from candidates
+        self.pool = negative_pool(model, negative_items)
+        self.local_steps = int_in("local_steps", local_steps, 1)
+        self.local_batch = int_in("local_batch", local_batch, 1)
+        self.n_negatives = int_in("n_negatives", n_negatives, 1)
+        self.client_lr = non_negative("client_lr", client_lr)
+        self.user_lr, self.reg = positive("user_lr", user_lr), non_negative("reg", reg)
+        self.personalise_steps = int_in("personalise_steps", personalise_steps, 0)
+        self.generator = torch.Generator().manual_seed(check_seed("seed", seed))
+        users = torch.as_tensor(train["user"].to_numpy(np.int64))
+        order = torch.argsort(users, stable=True)  # CSR layout: each user's items, in row order
+        self.items_by_user = torch.as_tensor(train["item"].to_numpy(np.int64))[order]
+        self.counts = torch.bincount(users, minlength=self.n_clients)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.tables = tuple(n for n in self.shared_names if n.startswith("item_"))
+
+    @property
+    def examples_per_client(self) -> int:
+        """Examples one client with data trains on in a round."""
+        return self.local_steps * self.local_batch * (1 + self.n_negatives)
+
+    def _draw(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = self.counts[clients, None]
+        offsets = (torch.rand(len(clients), self.local_batch, generator=self.generator)
+                   * counts).long().minimum(counts - 1)
+        positives = self.items_by_user[self.starts[clients, None] + offsets]
+        return implicit_batch(positives, self.pool, n_negatives=self.n_negatives,
+                              generator=self.generator)
+
+    def _cohort(self, shared: dict[str, torch.Tensor], clients: torch.Tensor):
+        """``(clients, active, local)``: the checked cohort (sorted, distinct), those of its
+        clients that hold data, and each active client's own copy of ``shared``."""
+        tensor_dict("shared", shared)
+        clients = as_index_tensor(clients, name="clients", upper=self.n_clients)
+        if bool((clients[1:] <= clients[:-1]).any()):
+            raise ValueError("clients must be sorted and distinct (as the engine samples them)")
+        active = clients[self.counts[clients] > 0]
+        local = {n: shared[n].detach().expand(len(active), *shared[n].shape).clone()
+                 for n in self.shared_names}
+        return clients, active, local
+
+    def _package(self, clients: torch.Tensor, changes: dict[str, torch.Tensor],
+                 position: torch.Tensor, touched: list[torch.Tensor]) -> ClientUpdates:
+        """The uploads: ``changes`` ``[len(clients), ...]`` dense, item tables as touched rows."""
+        n_items = self.model.n_items
+        touched = torch.cat(touched, 1) if touched else torch.zeros(0, 0, dtype=torch.long)
+        pairs = (position[:, None] * n_items + touched).reshape(-1)
+        pairs, uses = torch.unique(pairs, return_counts=True)  # sorted by (client, row)
+        client_pos, row = pairs // n_items, pairs % n_items
+        rows = {n: RowUpdates(client_pos, row, changes[n][client_pos, row], uses.float())
+                for n in self.tables}
+        dense = {n: changes[n] for n in self.shared_names if n not in self.tables}
+        examples = torch.where(self.counts[clients] > 0, float(self.examples_per_client), 0.0)
+        return ClientUpdates(clients, examples, rows, dense)
+
+
+class FederatedImplicit(ImplicitClients):
     """Every user a client holding its positives and its user rows: the
     :class:`~privrec.federated.protocols.FederatedModel` for implicit feedback, for any model that names its
     ``user_parameter_names`` and ``shared_parameter_names`` (:class:`TwoTowerRecommender`,
@@ -75,24 +148,10 @@ class FederatedImplicit:
                  local_batch: int = 16, n_negatives: int = 4, client_lr: float = 5.0,
                  user_lr: float = 1.0, reg: float = 1e-4, negative_items: object = None,
                  personalise_steps: int = 20, seed: int = 0) -> None:
-        self.user_names, self.shared_names = parameter_names(model)
-        validate_ratings(train, n_users=model.n_users, n_items=model.n_items, name="train")
-        self.model, self.n_clients = model, model.n_users
-        self.train = train[["user", "item", "rating"]]  # what evaluate excludes from candidates
-        self.pool = negative_pool(model, negative_items)
-        self.local_steps = int_in("local_steps", local_steps, 1)
-        self.local_batch = int_in("local_batch", local_batch, 1)
-        self.n_negatives = int_in("n_negatives", n_negatives, 1)
-        self.client_lr = non_negative("client_lr", client_lr)
-        self.user_lr, self.reg = positive("user_lr", user_lr), non_negative("reg", reg)
-        self.personalise_steps = int_in("personalise_steps", personalise_steps, 0)
-        self.generator = torch.Generator().manual_seed(check_seed("seed", seed))
-        users = torch.as_tensor(train["user"].to_numpy(np.int64))
-        order = torch.argsort(users, stable=True)  # CSR layout: each user's items, in row order
-        self.items_by_user = torch.as_tensor(train["item"].to_numpy(np.int64))[order]
-        self.counts = torch.bincount(users, minlength=self.n_clients)
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.tables = tuple(n for n in self.shared_names if n.startswith("item_"))
+        super().__init__(model, train, local_steps=local_steps, local_batch=local_batch,
+                         n_negatives=n_negatives, client_lr=client_lr, user_lr=user_lr, reg=reg,
+                         negative_items=negative_items, personalise_steps=personalise_steps,
+                         seed=seed)
         wrapper = _Unchecked(model)
 
         def loss(shared, user, items, labels):
@@ -106,9 +165,6 @@ class FederatedImplicit:
                                           in_dims=(0, 0, 0, None))
         self._grad_user = torch.func.vmap(torch.func.grad(loss, argnums=1),
                                           in_dims=(None, 0, 0, None))
-
-    #: What one client protects (the DP wrapper's ledger unit) and how it uploads.
-    privacy_unit, upload = "user", "sparse"
 
     @property
     def shared_size(self) -> int:
@@ -134,14 +190,6 @@ class FederatedImplicit:
         int_in("max_examples", max_examples, 1)
         return [torch.as_tensor(clients)] if len(clients) else []
 
-    def _draw(self, clients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = self.counts[clients, None]
-        offsets = (torch.rand(len(clients), self.local_batch, generator=self.generator)
-                   * counts).long().minimum(counts - 1)
-        positives = self.items_by_user[self.starts[clients, None] + offsets]
-        return implicit_batch(positives, self.pool, n_negatives=self.n_negatives,
-                              generator=self.generator)
-
     def _user_rows(self, clients: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: getattr(self.model, n).detach()[clients][:, None] for n in self.user_names}
 
@@ -157,13 +205,7 @@ class FederatedImplicit:
 
         ``examples``: the examples each client trained on (equal for all clients with data, so
         FedAvg's weighting is a plain mean; 0 and a zero change for a client without data)."""
-        tensor_dict("shared", shared)
-        clients = as_index_tensor(clients, name="clients", upper=self.n_clients)
-        if bool((clients[1:] <= clients[:-1]).any()):
-            raise ValueError("clients must be sorted and distinct (as the engine samples them)")
-        active = clients[self.counts[clients] > 0]
-        local = {n: shared[n].detach().expand(len(active), *shared[n].shape).clone()
-                 for n in self.shared_names}
+        clients, active, local = self._cohort(shared, clients)
         users, touched = self._user_rows(active), []
         for _ in range(self.local_steps if len(active) else 0):
             items, labels = self._draw(active)
@@ -178,21 +220,7 @@ class FederatedImplicit:
         if len(active) < len(clients):
             changes = {n: torch.zeros(len(clients), *v.shape[1:]).index_copy_(0, position, v)
                        for n, v in changes.items()}
-        touched = torch.cat(touched, 1) if touched else torch.zeros(0, 0, dtype=torch.long)
         return self._package(clients, changes, position, touched)
-
-    def _package(self, clients: torch.Tensor, changes: dict[str, torch.Tensor],
-                 position: torch.Tensor, touched: torch.Tensor) -> ClientUpdates:
-        n_items = self.model.n_items
-        pairs = (position[:, None] * n_items + touched).reshape(-1)
-        pairs, uses = torch.unique(pairs, return_counts=True)  # sorted by (client, row)
-        client_pos, row = pairs // n_items, pairs % n_items
-        rows = {n: RowUpdates(client_pos, row, changes[n][client_pos, row], uses.float())
-                for n in self.tables}
-        dense = {n: changes[n] for n in self.shared_names if n not in self.tables}
-        work = self.local_steps * self.local_batch * (1 + self.n_negatives)
-        examples = torch.where(self.counts[clients] > 0, float(work), 0.0)
-        return ClientUpdates(clients, examples, rows, dense)
 
     @torch.no_grad()
     def released_model(self, shared: dict[str, torch.Tensor]) -> nn.Module:

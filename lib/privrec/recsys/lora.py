@@ -27,9 +27,12 @@ References: Hu et al. (2022), LoRA, ICLR; Reimers & Gurevych (2019), Sentence-BE
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import io
+import os
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,65 +40,72 @@ from torch import nn
 
 from ..core.checks import choice, int_in, positive
 from ..core.checks import seed as check_seed
+from . import text_encoder
 from .models import as_index_tensor, checked_pairs
-from .text_encoder import (
-    DEFAULT_MODEL,
-    _check_texts,
-    _texts_key,
-    embedding_cache_path,
-    load_text_encoder,
-    principal_directions,
-)
+from .text_encoder import load_text_encoder
 from .two_tower import TwoTowerRecommender
 
-__all__ = ["TOP_LAYER", "TopLayerInputs", "top_layer_inputs", "LoRAEncoder", "LoRATwoTower",
-           "lora_parameter_table", "encoder_weights"]
+__all__ = ["TOP_LAYER", "TopLayerInputs", "kernel_tag", "top_layer_cache_name", "top_layer_inputs",
+           "LoRAEncoder", "frozen_embeddings", "LoRATwoTower", "lora_parameter_table",
+           "encoder_weights"]
 
 #: The transformer layer whose feed-forward output projection is adapted (0-based, of 6).
 TOP_LAYER = 5
 
 
-@dataclass
-class TopLayerInputs:
-    """What the frozen part of MiniLM computes for each token of each item text (public).
-
-    ``ffn`` ``[n_tokens, 1536]``: :math:`u_t`, the input of :math:`W_2`; ``residual``
-    ``[n_tokens, 384]``: :math:`h_t`; ``token_index`` ``[n_items, T]``: each item's token rows
-    (padded with ``n_tokens``, a zero row); ``lengths`` ``[n_items]``.
-    """
+class TopLayerInputs(NamedTuple):
+    """What the frozen part of MiniLM computes for each token of each item text (public):
+    ``ffn`` ``[n_tokens + 1, 1536]`` (:math:`u_t`, the input of :math:`W_2`), ``residual``
+    ``[n_tokens + 1, 384]`` (:math:`h_t`), ``token_index`` ``[n_items, T]`` (each item's token rows,
+    padded with ``n_tokens``, the zero row), ``lengths`` ``[n_items]`` and ``base``
+    ``[n_tokens + 1, 384]``: :math:`h_t + W_2u_t + b_2`, the pretrained input of the final
+    LayerNorm (computed once here, shared by every :class:`LoRAEncoder` of the catalogue)."""
 
     ffn: torch.Tensor
     residual: torch.Tensor
     token_index: torch.Tensor
     lengths: torch.Tensor
+    base: torch.Tensor
 
-    @property
-    def n_items(self) -> int:
-        return len(self.lengths)
+
+def kernel_tag() -> str:
+    """Names the arithmetic a process computes floats with: torch's version, its CPU kernel set
+    and MKL's reproducibility mode. The same MiniLM forward under another tag (say AVX-512 kernels
+    outside the Makefile, which pins ``ATEN_CPU_CAPABILITY=default`` and ``MKL_CBWR``) differs in
+    the last bits, so a disk cache keyed on this tag never hands one process another's floats."""
+    return (f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+            f"-mkl{os.environ.get('MKL_CBWR', 'auto')}")
 
 
 def _forward_with_hooks(texts: list[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray,
                                                                           np.ndarray]:
+    """``(u_t, h_t, token counts)`` of every text, in text order: one MiniLM forward with the texts
+    batched by token count, so batches carry little padding (MovieLens: 27,748 token slots for its
+    26,522 tokens, against 49,256 in catalogue order)."""
     model = load_text_encoder()
     bert, layer = model[0].auto_model, model[0].auto_model.encoder.layer[TOP_LAYER]
+    counts = [len(ids) for ids in model.tokenizer(texts, truncation=True,
+                                                  max_length=model.max_seq_length)["input_ids"]]
+    order = np.argsort(np.array(counts), kind="stable")  # ties: text order
     captured: dict[str, torch.Tensor] = {}
     hooks = [layer.output.register_forward_hook(
         lambda _m, args, _out: captured.update(ffn=args[0], residual=args[1]))]
-    ffn, residual, lengths = [], [], []
+    ffn, residual = [None] * len(texts), [None] * len(texts)
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             for s in range(0, len(texts), batch_size):
-                tok = model.tokenizer(texts[s:s + batch_size], padding=True, truncation=True,
+                batch = order[s:s + batch_size].tolist()
+                tok = model.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                       max_length=model.max_seq_length, return_tensors="pt")
                 bert(**tok)
                 mask = tok["attention_mask"].bool()
-                ffn.append(captured["ffn"][mask])
-                residual.append(captured["residual"][mask])
-                lengths.append(mask.sum(1))
+                for j, i in enumerate(batch):
+                    ffn[i], residual[i] = (captured[k][j][mask[j]] for k in ("ffn", "residual"))
     finally:
         for h in hooks:
             h.remove()
-    return (torch.cat(ffn).numpy(), torch.cat(residual).numpy(), torch.cat(lengths).numpy())
+    return (torch.cat(ffn).numpy(), torch.cat(residual).numpy(),
+            np.array([len(f) for f in ffn], dtype=np.int64))
 
 
 def _load(path, key: str) -> dict[str, np.ndarray] | None:
@@ -127,17 +137,27 @@ def _save(path, key: str, parts: dict[str, np.ndarray]) -> None:
         raise
 
 
+def top_layer_cache_name() -> str:
+    """The model name :func:`top_layer_inputs` keys its disk cache on: MiniLM, the layer, a hash of
+    the code that computes the inputs and :func:`kernel_tag` (a file written by other code or other
+    kernels is never read)."""
+    code = hashlib.sha256(inspect.getsource(_forward_with_hooks).encode()).hexdigest()[:12]
+    return (f"{text_encoder.DEFAULT_MODEL}#layer{TOP_LAYER}-ffn-inputs#{code}"
+            f"#{kernel_tag()}")
+
+
 def top_layer_inputs(texts: list[str], *, cache_dir=None, use_cache: bool = True) -> TopLayerInputs:
     """The frozen top-layer inputs of every text, cached on disk like
-    :func:`~privrec.recsys.text_encoder.encode_items` (key: model, layer and a hash of the texts).
+    :func:`~privrec.recsys.text_encoder.encode_items` (key: :func:`top_layer_cache_name` and a
+    hash of the texts).
 
     One MiniLM forward over the texts on a cache miss (about 20 s for MovieLens's 1,682 titles on
     one CPU thread); a hit reads ~200 MB. The texts are public, so nothing here costs privacy.
     """
-    texts = _check_texts(texts, DEFAULT_MODEL, None)
-    name = f"{DEFAULT_MODEL}#layer{TOP_LAYER}-ffn-inputs"
-    key = _texts_key(name, texts)
-    path = embedding_cache_path(texts, model_name=name, cache_dir=cache_dir)
+    name = top_layer_cache_name()
+    path = text_encoder.embedding_cache_path(texts, model_name=name, cache_dir=cache_dir)
+    texts = list(texts)  # checked by embedding_cache_path
+    key = text_encoder._texts_key(name, texts)
     parts = _load(path, key) if use_cache else None
     if parts is None or len(parts["lengths"]) != len(texts):
         ffn, residual, lengths = _forward_with_hooks(texts)
@@ -154,8 +174,12 @@ def _unpack(parts: dict[str, torch.Tensor]) -> TopLayerInputs:
     starts = torch.cumsum(lengths, 0) - lengths
     steps = torch.arange(int(lengths.max()))
     index = torch.where(steps < lengths[:, None], starts[:, None] + steps, len(ffn))
-    return TopLayerInputs(torch.cat([ffn, torch.zeros(1, ffn.shape[1])]),
-                          torch.cat([residual, torch.zeros(1, residual.shape[1])]), index, lengths)
+    ffn = torch.cat([ffn, torch.zeros(1, ffn.shape[1])])
+    residual = torch.cat([residual, torch.zeros(1, residual.shape[1])])
+    dense, _ = encoder_weights()
+    base = (ffn @ dense.weight.T + dense.bias + residual).detach()
+    base[-1] = 0.0  # the padding row
+    return TopLayerInputs(ffn, residual, index, lengths, base)
 
 
 class _TopOutput(nn.Module):
@@ -210,9 +234,7 @@ class LoRAEncoder(nn.Module):
             peft.inject_adapter_in_model(config, self.top)
         self.scaling = float(self.top.dense.scaling["default"])
         self.register_buffer("ffn", inputs.ffn, persistent=False)
-        self.register_buffer("base", (inputs.ffn @ dense.weight.T + dense.bias
-                                      + inputs.residual).detach(), persistent=False)
-        self.base[-1] = 0.0  # the padding row
+        self.register_buffer("base", inputs.base, persistent=False)  # h + W2 u + b2 (frozen)
         self.register_buffer("token_index", inputs.token_index, persistent=False)
         self.register_buffer("lengths", inputs.lengths, persistent=False)
 
@@ -241,8 +263,9 @@ class LoRAEncoder(nn.Module):
         pooled = (out * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True)
         return nn.functional.normalize(pooled, dim=-1)
 
-    def forward(self, items: torch.Tensor, width: int | None = None) -> torch.Tensor:
-        """Embeddings ``[..., 384]`` of ``items`` (any shape of ids; unmerged LoRA)."""
+    def forward(self, items: torch.Tensor,
+                width: int | None = None) -> torch.Tensor:
+        """Embeddings ``[..., 384]`` of ``items`` (any ids; unmerged LoRA)."""
         rows, mask = self.tokens(items, width)
         delta = self.lora_b(self.lora_a(self.ffn[rows])) * self.scaling
         return self.pool(self.base[rows] + delta, mask)
@@ -273,6 +296,15 @@ class LoRAEncoder(nn.Module):
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         """``{"lora_A": A, "lora_B": B}`` (the only trainable encoder weights)."""
         return {"lora_A": self.lora_a.weight, "lora_B": self.lora_b.weight}
+
+
+def frozen_embeddings(inputs: TopLayerInputs) -> torch.Tensor:
+    """``[n_items, 384]`` MiniLM's sentence embeddings, finished from the cached top-layer inputs
+    (pretrained :math:`W_2` and LayerNorm, mean pooling, normalisation): those of
+    :func:`~privrec.recsys.text_encoder.encode_items` to rounding (< 1e-6), without a second
+    transformer forward. :math:`B = 0`, so the LoRA branch adds exactly zero."""
+    with torch.no_grad():
+        return LoRAEncoder(inputs, rank=1).all_embeddings()
 
 
 class LoRATwoTower(nn.Module):
@@ -310,7 +342,7 @@ class LoRATwoTower(nn.Module):
         self.lora = choice("lora", lora, ("lora", "ffa", "frozen"))
         self.head, self.encoder = head, encoder
         self.n_users, self.n_items, self.dim = head.n_users, head.n_items, head.dim
-        directions, _ = principal_directions(pretrained, head.text_dim)
+        directions, _ = text_encoder.principal_directions(pretrained, head.text_dim)
         self.register_buffer("directions", directions.float(), persistent=False)
         self.register_buffer("centre", pretrained.double().mean(0).float(), persistent=False)
         lora_names = {"lora": ("lora_A", "lora_B"), "ffa": ("lora_B",), "frozen": ()}[self.lora]
