@@ -37,8 +37,8 @@ def test_embeddings_are_the_sentence_transformer_ones_and_the_key_digests_them(c
 def test_a_cache_file_from_other_kernels_is_never_read(catalogue, monkeypatch):
     cat, cache = catalogue
     ours = lora.top_layer_cache_name()
-    assert lora.kernel_tag() in ours
-    monkeypatch.setattr(lora, "kernel_tag", lambda: "torch-AVX512-mklauto")
+    assert lora.arithmetic_tag() in ours
+    monkeypatch.setattr(lora, "arithmetic_tag", lambda: "torch-AVX512-mklauto")
     assert lora.top_layer_cache_name() != ours
     (cache / "embeddings").mkdir(exist_ok=True)
     before = set((cache / "embeddings").iterdir())

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import inspect
 import io
-import os
 import warnings
 from typing import NamedTuple
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.arithmetic import arithmetic_tag
 from ..core.checks import choice, int_in, positive
 from ..core.checks import seed as check_seed
 from . import text_encoder
@@ -45,7 +45,7 @@ from .models import as_index_tensor, checked_pairs
 from .text_encoder import load_text_encoder
 from .two_tower import TwoTowerRecommender
 
-__all__ = ["TOP_LAYER", "TopLayerInputs", "kernel_tag", "top_layer_cache_name", "top_layer_inputs",
+__all__ = ["TOP_LAYER", "TopLayerInputs", "top_layer_cache_name", "top_layer_inputs",
            "LoRAEncoder", "frozen_embeddings", "LoRATwoTower", "lora_parameter_table",
            "encoder_weights"]
 
@@ -66,15 +66,6 @@ class TopLayerInputs(NamedTuple):
     token_index: torch.Tensor
     lengths: torch.Tensor
     base: torch.Tensor
-
-
-def kernel_tag() -> str:
-    """Names the arithmetic a process computes floats with: torch's version, its CPU kernel set
-    and MKL's reproducibility mode. The same MiniLM forward under another tag (say AVX-512 kernels
-    outside the Makefile, which pins ``ATEN_CPU_CAPABILITY=default`` and ``MKL_CBWR``) differs in
-    the last bits, so a disk cache keyed on this tag never hands one process another's floats."""
-    return (f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
-            f"-mkl{os.environ.get('MKL_CBWR', 'auto')}")
 
 
 def _forward_with_hooks(texts: list[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray,
@@ -139,11 +130,11 @@ def _save(path, key: str, parts: dict[str, np.ndarray]) -> None:
 
 def top_layer_cache_name() -> str:
     """The model name :func:`top_layer_inputs` keys its disk cache on: MiniLM, the layer, a hash of
-    the code that computes the inputs and :func:`kernel_tag` (a file written by other code or other
-    kernels is never read)."""
+    the code that computes the inputs and :func:`~privrec.core.arithmetic.arithmetic_tag` (a file
+    written by other code or other kernels is never read)."""
     code = hashlib.sha256(inspect.getsource(_forward_with_hooks).encode()).hexdigest()[:12]
     return (f"{text_encoder.DEFAULT_MODEL}#layer{TOP_LAYER}-ffn-inputs#{code}"
-            f"#{kernel_tag()}")
+            f"#{arithmetic_tag()}")
 
 
 def top_layer_inputs(texts: list[str], *, cache_dir=None, use_cache: bool = True) -> TopLayerInputs:

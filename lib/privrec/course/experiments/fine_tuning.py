@@ -31,7 +31,7 @@ class LoRACatalogue(Catalogue):
     """:class:`~privrec.course.experiments.large_models.Catalogue` built from one MiniLM forward.
 
     The frozen top-layer inputs are computed once and cached on disk (keyed on the texts, the code
-    and :func:`~privrec.recsys.lora.kernel_tag`); the sentence embeddings are finished from them
+    and :func:`~privrec.core.arithmetic.arithmetic_tag`); the sentence embeddings are finished from them
     (:func:`~privrec.recsys.lora.frozen_embeddings`, equal to sentence-transformers' to < 1e-6).
     ``key``, part of every cached run's key, is a SHA-256 of all these floats: a cached run is
     reused only with the very numbers it was computed from.
