@@ -212,12 +212,8 @@ KNOWN_WIDE = {
     "chapters/06_large_model_recommenders":
         "printed summary lines of the cold-start and ablation cells exceed 80 characters: wrap them "
         "in privrec.course.experiments.cold_start/large_models and re-execute chapter 6",
-    "chapters/07_private_fine_tuning":
-        "printed result lines (grid summaries, the model repr) exceed 80 characters: wrap them in "
-        "privrec.course.experiments.fine_tuning and re-execute chapter 7",
 }
-NO_EXPLORE = {"chapters/07_private_fine_tuning":
-              "chapter 7 has no interactive figure yet: add an explorer over its model x epsilon table"}
+NO_EXPLORE: dict[str, str] = {}
 
 
 def _descriptive(alt: str) -> bool:
