@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -76,3 +77,37 @@ def test_memorisation_by_repeats_and_bad_input(small):
         tx.run_private(small, "DP-SGD", 1.0, split="train")
     assert np.isfinite(table.to_numpy(dtype=float)).all()
     assert torch.get_num_threads() >= 1
+
+
+def test_the_cache_key_names_every_privrec_module_a_run_executes():
+    """A run's result may depend only on its key: every privrec module loaded by the experiment
+    (in a fresh interpreter) is in _LIBRARY, whose sources are hashed into the key."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; import privrec.course.experiments.transformer as tx; "
+            "names = {m.__name__ for m in tx._LIBRARY}; "
+            "print(json.dumps(sorted(n for n, m in sys.modules.items() if n.startswith('privrec.') "
+            "and getattr(m, '__file__', '') and not n.endswith('__init__') "
+            "and n not in names and m.__file__.endswith('.py') "
+            "and not m.__file__.endswith('__init__.py'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    missing = set(json.loads(out.stdout))
+    # Loaded but not part of any result: argument checks, result containers, the cache itself
+    # (and its arithmetic tag, which it puts into every key), and the matrix-factorisation
+    # clients, partitions and protocols the federated package imports.
+    harmless = {"privrec.core.checks", "privrec.core.results", "privrec.course.book",
+                "privrec.core.arithmetic",
+                "privrec.federated.mf", "privrec.federated.mf_local", "privrec.federated.partitions",
+                "privrec.federated.protocols"}
+    assert missing <= harmless, missing - harmless
+
+
+def test_runs_are_cached_on_their_settings_and_the_library_code(small, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tx, "cached_json", lambda name, config, compute, modules: seen.append(
+        (config, modules)) or {})
+    tx.run_private(small, "DP-SGD", 4.0)
+    tx.run_private(small, "DP-SGD", 8.0)
+    assert seen[0][0] != seen[1][0]  # the target epsilon is part of the key
+    assert tx in seen[0][1]  # the experiment's own code is part of the key

@@ -197,3 +197,24 @@ def test_dp_fedavg_ledger_composes_the_prior_release(data):
     assert set(evaluate_next_item(fit.model, train, test, n_users=data.n_users)) == {"hr", "ndcg"}
     with pytest.raises(ValueError, match="dropout"):
         FederatedSequential(SASRec(data.n_items, dim=8, dropout=0.1), train, n_users=data.n_users)
+
+
+def test_dp_fedavg_with_a_given_noise_multiplier_records_it(data):
+    train, _ = leave_last_out_split(data.ratings)
+    calibrated = fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0),
+                                          train, n_users=data.n_users, target_epsilon=4.0,
+                                          rounds=2, sample_rate=0.3, n_negatives=None)
+    sigma = calibrated.history["noise_multiplier"][0]
+    given = fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                     n_users=data.n_users, noise_multiplier=sigma, rounds=2,
+                                     sample_rate=0.3, n_negatives=None)
+    assert given.ledger.epsilon() == pytest.approx(calibrated.ledger.epsilon(), rel=1e-9)
+    for name, p in given.model.named_parameters():
+        assert torch.equal(p, dict(calibrated.model.named_parameters())[name]), name
+    with pytest.raises(ValueError, match="exactly one"):
+        fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                 n_users=data.n_users, rounds=2, sample_rate=0.3)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                 n_users=data.n_users, noise_multiplier=-1.0, rounds=2,
+                                 sample_rate=0.3, n_negatives=None)

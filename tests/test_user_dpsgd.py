@@ -1,4 +1,5 @@
-"""Tests of privrec.central.user_dpsgd: per-user gradients (against autograd and Opacus), clipping,
+"""Tests of privrec.central.user_dpsgd: per-user gradients (against autograd and Opacus: its hooks
+with DPMultiheadAttention, fast gradient clipping and ghost clipping), clipping,
 noise calibration, empty batches, the ledger against dp-accounting, bad input."""
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from torch import nn
 
 from privrec.central.user_dpsgd import (
     STEP_NAME,
+    OpacusTwin,
     UserDPSGD,
     fit_user_dpsgd,
+    opacus_per_user_gradients,
     per_user_clipped_sum,
     per_user_gradients,
 )
 from privrec.dp.ledger import PrivacyLedger, default_delta
 from privrec.recsys.data import leave_last_out_split, synthetic_movielens
-from privrec.recsys.sequential import SASRec, causal_mask, sequence_losses
+from privrec.recsys.sequential import SASRec, sequence_losses
 
 
 @pytest.fixture(scope="module")
@@ -47,102 +50,102 @@ def test_per_user_gradients_equal_autograd_on_each_user_alone(negatives):
             assert torch.allclose(grads[name][u], p.grad, atol=1e-6), (u, name)
 
 
-class _OpacusBlock(nn.Module):
-    """The same block with Opacus's DPMultiheadAttention (weights copied)."""
-
-    def __init__(self, block):
-        from opacus.layers import DPMultiheadAttention
-
-        super().__init__()
-        self.norm1, self.norm2 = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2)
-        self.ffn = copy.deepcopy(block.ffn)
-        dim = block.norm1.normalized_shape[0]
-        # Opacus 1.6: one head with batch_first (its batch-first output reshape mixes heads) and a
-        # 3-D mask checked against query.size(0) -- so the tests use B = L.
-        self.attention = DPMultiheadAttention(dim, 1, bias=True, batch_first=True)
-        ours = block.attention
-        for mine, theirs in ((ours.query, self.attention.qlinear), (ours.key, self.attention.klinear),
-                             (ours.value, self.attention.vlinear), (ours.out, self.attention.out_proj)):
-            theirs.weight.data.copy_(mine.weight.data)
-            theirs.bias.data.copy_(mine.bias.data)
-
-    def forward(self, x, allowed):
-        h = self.norm1(x)
-        out, _ = self.attention(h, h, h, attn_mask=~allowed, need_weights=False)
-        x = x + out
-        return x + self.ffn(self.norm2(x))
+def _opacus_batch(seed=0):
+    """5 users, window 8 (batch size != window: Opacus's batch-first mask check would fail)."""
+    return _batch(n_users=5, length=8, seed=seed)
 
 
-class _OpacusTwin(nn.Module):
-    def __init__(self, model: SASRec):
-        super().__init__()
-        self.items, self.positions = copy.deepcopy(model.items), copy.deepcopy(model.positions)
-        self.blocks = nn.ModuleList(_OpacusBlock(b) for b in model.blocks)
-        self.norm = copy.deepcopy(model.norm)
-        self.output = nn.Linear(model.dim, model.n_items + 1)
-        self.output.bias.data.copy_(model.output.bias.data)
-        self.output.weight = self.items.weight  # tied, as in SASRec
-        self.max_len, self.n_items = model.max_len, model.n_items
-
-    def forward(self, inputs):
-        pos = torch.arange(self.max_len - inputs.shape[1], self.max_len).expand_as(inputs)
-        x = self.items(inputs) + self.positions(pos.contiguous())
-        allowed = causal_mask(inputs)
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.norm(x)
-
-    def logits(self, hidden):
-        return self.output(hidden)[..., 1:]
-
-
-_OPACUS_NAMES = {"attention.qlinear": "attention.query", "attention.klinear": "attention.key",
-                 "attention.vlinear": "attention.value", "attention.out_proj": "attention.out"}
-
-
-def _ours(name: str) -> str:
-    for theirs, mine in _OPACUS_NAMES.items():
-        name = name.replace(theirs, mine)
-    return name
-
-
-def test_per_user_gradients_match_opacus_hooks_with_dp_attention():
+@pytest.mark.parametrize("heads", [1, 2])
+def test_opacus_twin_computes_the_same_function(heads):
     pytest.importorskip("opacus")
-    from opacus.grad_sample import GradSampleModule
+    model = SASRec(30, dim=16, max_len=8, n_heads=heads, dropout=0.0, seed=1)
+    x, _ = _opacus_batch()
+    for tied in (True, False):
+        twin = OpacusTwin(model, tied=tied)
+        assert (twin.items.weight is twin.output.weight) == tied
+        assert torch.allclose(twin(x), model(x), atol=1e-5)
+        assert torch.allclose(twin.logits(twin(x)), model.logits(model(x)), atol=1e-5)
+    broken = OpacusTwin(model)
+    with torch.no_grad():
+        broken.blocks[0].attention.vlinear.weight.mul_(-1.0)
+    assert not torch.allclose(broken(x), model(x), atol=1e-3)  # the check can fail
 
-    model = SASRec(30, dim=16, max_len=8, dropout=0.0, seed=1)
-    x, y = _batch()
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_per_user_gradients_match_opacus_hooks_with_dp_attention(heads):
+    pytest.importorskip("opacus")
+    model = SASRec(30, dim=16, max_len=8, n_heads=heads, dropout=0.0, seed=1)
+    x, y = _opacus_batch()
     ours = per_user_gradients(model, x, y)
-    twin = _OpacusTwin(model)
-    assert torch.allclose(twin(x), model(x), atol=1e-6)
-    GradSampleModule(twin, loss_reduction="sum")
-    sequence_losses(twin, x, y).sum().backward()
-    seen = set()
-    for name, p in twin.named_parameters():
-        assert torch.allclose(p.grad_sample, ours[_ours(name)], atol=1e-5), name
-        seen.add(_ours(name))
-    assert seen == set(ours)  # every parameter, the tied item table included
+    theirs = opacus_per_user_gradients(model, x, y)
+    assert set(theirs) == set(ours)  # every parameter, the tied item table included
+    worst = max(float((ours[n] - theirs[n]).abs().max()) for n in ours)
+    assert worst < 1e-5, worst
+    y2 = y.clone()
+    y2[1, -1] = (y2[1, -1] + 1) % 30  # another target for user 1 only
+    moved = opacus_per_user_gradients(model, x, y2)
+    assert not torch.allclose(moved["items.weight"][1], ours["items.weight"][1], atol=1e-5)
+    assert torch.allclose(moved["items.weight"][2], ours["items.weight"][2], atol=1e-5)
 
 
-def test_per_user_norms_match_opacus_ghost_clipping_except_the_tied_table():
-    """Opacus's ghost clipping refuses tied parameters; with the item table frozen its
-    per-user norms of everything else equal ours."""
+def _norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([g.reshape(len(g), -1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+
+
+def test_per_user_norms_match_opacus_fast_gradient_clipping():
+    """Opacus's fast gradient clipping (per-layer gradients, then norms) accepts the tied table."""
     pytest.importorskip("opacus")
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    model = SASRec(30, dim=16, max_len=8, dropout=0.0, seed=1)
-    x, y = _batch()
-    ours = per_user_gradients(model, x, y)
-    twin = _OpacusTwin(model)
-    with pytest.raises(NotImplementedError, match="tying"):
-        ghost = GradSampleModuleFastGradientClipping(_OpacusTwin(model), loss_reduction="sum")
-        sequence_losses(ghost._module, x, y)
-    twin.items.weight.requires_grad_(False)
-    ghost = GradSampleModuleFastGradientClipping(twin, loss_reduction="sum", max_grad_norm=1.0)
+    model = SASRec(30, dim=16, max_len=8, n_heads=2, dropout=0.0, seed=1)
+    x, y = _opacus_batch()
+    twin = OpacusTwin(model)
+    wrapped = GradSampleModuleFastGradientClipping(twin, batch_first=False, loss_reduction="sum",
+                                                   max_grad_norm=1.0, use_ghost_clipping=False)
     sequence_losses(twin, x, y).sum().backward()
-    expected = torch.stack([g.reshape(len(x), -1).square().sum(1) for n, g in ours.items()
-                            if n != "items.weight"]).sum(0).sqrt()
-    assert torch.allclose(ghost.get_norm_sample(), expected, atol=1e-5)
+    ours = _norms(per_user_gradients(model, x, y))
+    assert float((wrapped.get_norm_sample() - ours).abs().max()) < 1e-5
+
+
+class _Contiguous(nn.Module):
+    """An embedding fed contiguous ids (Opacus's ghost norm of an embedding views its ids flat;
+    SASRec's position ids are an expanded view)."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids.contiguous())
+
+
+def test_per_user_norms_match_opacus_ghost_clipping_on_the_untied_model():
+    """Opacus's ghost clipping refuses the tied item table; with the output layer holding its own
+    copy of the table (the same function) its per-user norms equal ours for that
+    parametrisation, whose two table gradients add up to our tied one. (Ghost clipping runs on
+    SASRec's own attention, four linear layers, batch-first: with DPMultiheadAttention the
+    twin must run time-first, and Opacus 1.6's embedding norm sampler cannot read time-first
+    ids.)"""
+    pytest.importorskip("opacus")
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    model = SASRec(30, dim=16, max_len=8, n_heads=2, dropout=0.0, seed=1)
+    x, y = _opacus_batch()
+    with pytest.raises(NotImplementedError, match="tying"):
+        twin = OpacusTwin(model)
+        GradSampleModuleFastGradientClipping(twin, batch_first=False, loss_reduction="sum")
+        sequence_losses(twin, x, y).sum().backward()
+    plain = copy.deepcopy(model)
+    plain.output.weight = nn.Parameter(model.items.weight.detach().clone())
+    assert torch.equal(plain.logits(plain(x)), model.logits(model(x)))
+    split = per_user_gradients(plain, x, y)  # the two tables are two parameters now
+    untied = copy.deepcopy(plain)
+    untied.positions = _Contiguous(untied.positions)
+    ghost = GradSampleModuleFastGradientClipping(untied, loss_reduction="sum", max_grad_norm=1.0)
+    sequence_losses(untied, x, y).sum().backward()
+    assert float((ghost.get_norm_sample() - _norms(split)).abs().max()) < 1e-5
+    tied = per_user_gradients(model, x, y)["items.weight"]
+    assert torch.allclose(split["items.weight"] + split["output.weight"], tied, atol=1e-6)
 
 
 def test_each_user_moves_the_clipped_sum_by_at_most_c():

@@ -26,23 +26,25 @@ so they are public randomness.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
 import pandas as pd
 import torch
+from torch import nn
 
 from ..core.checks import check_sample_rate, choice, epsilon_or_inf, int_in, non_negative, positive
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyEvent, PrivacyLedger
 from ..dp.primitives import poisson_sample
-from ..recsys.sequential import SASRec, sequence_losses, training_windows, user_sequences
-from .dpsgd import dpsgd_steps, noisy_average
+from ..recsys.sequential import SASRec, causal_mask, sequence_losses, training_windows, user_sequences
+from .dpsgd import DPSGD, dpsgd_steps
 from .per_example import clip_and_sum, per_example_gradients
 
 __all__ = ["STEP_NAME", "per_user_gradients", "per_user_clipped_sum", "UserDPSGD",
-           "fit_user_dpsgd"]
+           "fit_user_dpsgd", "OpacusTwin", "opacus_per_user_gradients"]
 
 #: The ledger's name for one user-level DP-SGD step.
 STEP_NAME = "user-level DP-SGD step"
@@ -167,15 +169,10 @@ class UserDPSGD:
                                          chunk=self.chunk)
         return summed
 
-    def add_noise(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:func:`~privrec.central.dpsgd.noisy_average` with this run's σ, C and qN."""
-        return noisy_average(summed, noise_multiplier=self.noise_multiplier,
-                             clip_norm=self.clip_norm, expected_batch_size=self.expected_batch_size,
-                             generator=self.generator)
-
-    def noisy_gradient(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The released gradient for the users ``users``."""
-        return self.add_noise(self.clipped_sum(users))
+    # The release is record-level DP-SGD's, unchanged (only the example differs): noise σC on
+    # the clipped sum, divided by qN (:func:`~privrec.central.dpsgd.noisy_average`).
+    add_noise = DPSGD.add_noise
+    noisy_gradient = DPSGD.noisy_gradient
 
     def step(self) -> None:
         """One step on a fresh Poisson sample, recorded on the ledger (also when it is empty)."""
@@ -233,3 +230,86 @@ def fit_user_dpsgd(model: SASRec, train: pd.DataFrame, *, n_users: int,
         run.step()
     model.eval()
     return FitResult(model, {"noise_multiplier": [sigma]}, run.ledger, time.perf_counter() - start)
+
+
+class _OpacusBlock(nn.Module):
+    """A SASRec block whose attention is Opacus's ``DPMultiheadAttention`` (time-first)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        from opacus.layers import DPMultiheadAttention
+
+        super().__init__()
+        self.norm1, self.norm2 = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2)
+        self.ffn = copy.deepcopy(block.ffn)
+        ours = block.attention
+        self.attention = DPMultiheadAttention(ours.out.in_features, ours.n_heads, bias=True)
+        for mine, theirs in ((ours.query, self.attention.qlinear), (ours.key, self.attention.klinear),
+                             (ours.value, self.attention.vlinear), (ours.out, self.attention.out_proj)):
+            theirs.load_state_dict(mine.state_dict())
+
+    def forward(self, h: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        a = self.norm1(h)
+        h = h + self.attention(a, a, a, attn_mask=blocked, need_weights=False)[0]
+        return h + self.ffn(self.norm2(h))
+
+
+class OpacusTwin(nn.Module):
+    """``model``'s function rebuilt from Opacus's layers, for cross-checks and benchmarks.
+
+    The weights are copied; the attention is ``opacus.layers.DPMultiheadAttention`` (four linear
+    layers, so Opacus's hooks see every parameter). Every module runs *time-first* (``[L, B, d]``,
+    wrap with ``batch_first=False``): Opacus 1.6 checks the 3-D ``attn_mask`` against
+    ``query.size(0)``, which is the window length only in that layout. The mask is
+    :func:`~privrec.recsys.sequential.causal_mask` (padding rows keep their own key, so no row is
+    all ``-inf``). ``tied=False`` gives the output layer its own copy of the item table (the same
+    function; Opacus's ghost clipping refuses tied parameters). Only the full softmax: the sampled
+    one indexes the table outside any module. Needs ``opacus``.
+    """
+
+    def __init__(self, model: SASRec, *, tied: bool = True) -> None:
+        super().__init__()
+        self.n_items, self.max_len = model.n_items, model.max_len
+        self.n_heads = model.blocks[0].attention.n_heads
+        self.items, self.positions = copy.deepcopy(model.items), copy.deepcopy(model.positions)
+        self.blocks = nn.ModuleList(_OpacusBlock(b) for b in model.blocks)
+        self.norm = copy.deepcopy(model.norm)
+        self.output = nn.Linear(model.dim, model.n_items + 1)
+        self.output.load_state_dict(model.output.state_dict())
+        if tied:
+            self.output.weight = self.items.weight
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[B, L, d]`` of ``inputs`` ``[B, L]``, as :meth:`SASRec.forward`."""
+        x, length = inputs.T, inputs.shape[1]
+        positions = torch.arange(self.max_len - length, self.max_len)[:, None].expand_as(x)
+        h = self.items(x) + self.positions(positions)
+        blocked = ~causal_mask(inputs).repeat_interleave(self.n_heads, 0)  # [B * heads, L, L]
+        for block in self.blocks:
+            h = block(h, blocked)
+        return self.norm(h).transpose(0, 1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, L, n_items]``, the output layer applied time-first."""
+        return self.output(hidden.transpose(0, 1)).transpose(0, 1)[..., 1:]
+
+
+def _our_name(name: str) -> str:
+    for theirs, mine in (("qlinear", "query"), ("klinear", "key"), ("vlinear", "value"),
+                         ("out_proj", "out")):
+        name = name.replace(f"attention.{theirs}", f"attention.{mine}")
+    return name
+
+
+def opacus_per_user_gradients(model: SASRec, inputs: torch.Tensor,
+                              targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Opacus's per-user gradients (``GradSampleModule`` hooks on the :class:`OpacusTwin`) of the
+    full-softmax sequence losses, keyed by ``model``'s parameter names: what
+    :func:`per_user_gradients` must equal."""
+    from opacus import GradSampleModule
+
+    twin = OpacusTwin(model)
+    wrapped = GradSampleModule(twin, batch_first=False, loss_reduction="sum")
+    sequence_losses(twin, inputs, targets).sum().backward()
+    grads = {_our_name(n): p.grad_sample.detach() for n, p in twin.named_parameters()}
+    wrapped.zero_grad()
+    return grads

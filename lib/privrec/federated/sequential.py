@@ -25,7 +25,7 @@ import time
 import pandas as pd
 import torch
 
-from ..core.checks import check_sample_rate, epsilon_or_inf, int_in, positive
+from ..core.checks import check_sample_rate, epsilon_or_inf, int_in, non_negative, positive
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from ..dp.ledger import PrivacyLedger
@@ -153,13 +153,15 @@ class _SequenceLoss(torch.nn.Module):
 
 
 def fit_dp_fedavg_sequential(model: SASRec, train: pd.DataFrame, *, n_users: int,
-                             target_epsilon: float, rounds: int, sample_rate: float,
+                             target_epsilon: float | None = None, rounds: int, sample_rate: float,
+                             noise_multiplier: float | None = None,
                              clip_norm: float = 1.0, local_steps: int = 2, client_lr: float = 0.5,
                              server_lr: float = 1.0, n_negatives: int | None = 256, seed: int = 0,
                              delta: float | None = None, ledger: PrivacyLedger | None = None,
                              chunk: int = 64) -> FitResult:
     """DP-FedAvg of ``model`` for ``rounds`` rounds, every user a client, at user-level
-    ``target_epsilon`` (``math.inf``: clipping only) for everything on the returned ledger.
+    ``target_epsilon`` (``math.inf``: clipping only) for everything on the returned ledger, or
+    with a given ``noise_multiplier`` (exactly one of the two).
 
     ``ledger`` holds earlier releases about the same users (e.g. a private popularity prior); σ is
     the smallest for which those releases and the rounds together stay within ``target_epsilon``
@@ -167,15 +169,20 @@ def fit_dp_fedavg_sequential(model: SASRec, train: pd.DataFrame, *, n_users: int
     ``server_lr`` on the noisy mean (post-processing). Returns the released model, the composed
     ledger (earlier releases, then the wrapper's rounds) and ``history["noise_multiplier"]``.
     """
-    target = epsilon_or_inf("target_epsilon", target_epsilon)
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError("give exactly one of target_epsilon and noise_multiplier")
     clients = FederatedSequential(model, train, n_users=n_users, local_steps=local_steps,
                                   client_lr=client_lr, n_negatives=n_negatives, seed=seed)
     book = PrivacyLedger(unit="user", n_units=n_users, delta=delta) if ledger is None \
         else ledger.copy()
     rate = check_sample_rate(sample_rate)
-    sigma = 0.0 if math.isinf(target) else book.calibrate(
-        lambda z: round_events(z, sample_rate=rate, rounds=rounds, unit="user"),
-        target_epsilon=target)
+    if noise_multiplier is not None:
+        sigma = non_negative("noise_multiplier", noise_multiplier)
+    elif math.isinf(target := epsilon_or_inf("target_epsilon", target_epsilon)):
+        sigma = 0.0
+    else:
+        sigma = book.calibrate(lambda z: round_events(z, sample_rate=rate, rounds=rounds,
+                                                      unit="user"), target_epsilon=target)
     wrapper = DPFedAvg(FedAvg(server_lr=server_lr), n_clients=n_users, sample_rate=rate,
                        clip_norm=clip_norm, noise_multiplier=sigma, delta=book.delta, seed=seed)
     sim = FederatedSimulator(clients, wrapper, chunk_ratings=int_in("chunk", chunk, 1)

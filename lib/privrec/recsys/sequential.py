@@ -59,13 +59,15 @@ class Sequences:
     counts: np.ndarray
     n_items: int
 
-    @property
-    def n_users(self) -> int:
-        return len(self.counts)
-
     def of(self, user: int) -> np.ndarray:
         """User ``user``'s items, oldest first."""
         return self.items[self.starts[user]:self.starts[user] + self.counts[user]]
+
+    def rows(self, users: np.ndarray | None) -> np.ndarray:
+        """``users`` as int64 ids (``None``: every user, ``0..len(counts)-1``)."""
+        if users is None:
+            return np.arange(len(self.counts))
+        return np.asarray(users, dtype=np.int64)
 
 
 def user_sequences(ratings: pd.DataFrame, *, n_users: int, n_items: int) -> Sequences:
@@ -100,7 +102,7 @@ def training_windows(sequences: Sequences, *, max_len: int,
 
     A history of ``n`` items gives ``min(n - 1, max_len)`` prediction targets."""
     max_len = int_in("max_len", max_len, 1)
-    users = np.arange(sequences.n_users) if users is None else np.asarray(users, dtype=np.int64)
+    users = sequences.rows(users)
     inputs = np.zeros((len(users), max_len), dtype=np.int64)
     targets = np.full((len(users), max_len), -1, dtype=np.int64)
     for row, u in enumerate(users):
@@ -117,7 +119,7 @@ def history_windows(sequences: Sequences, *, max_len: int,
     """``[users, max_len]`` model ids of each user's last ``max_len`` items (0 = padding): the
     input whose last position scores the next item."""
     max_len = int_in("max_len", max_len, 1)
-    users = np.arange(sequences.n_users) if users is None else np.asarray(users, dtype=np.int64)
+    users = sequences.rows(users)
     return torch.as_tensor(np.stack([_window(sequences.of(int(u)), max_len) for u in users])
                            if len(users) else np.zeros((0, max_len), dtype=np.int64))
 

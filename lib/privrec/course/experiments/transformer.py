@@ -25,7 +25,9 @@ the rest goes to training, composed on one ledger.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,14 +41,15 @@ from ...attacks.memorisation import Canaries, memorisation_table, plant_canaries
 from ...central import dpsgd, per_example, user_dpsgd
 from ...central.user_dpsgd import fit_user_dpsgd
 from ...core.checks import choice, epsilon_or_inf
-from ...dp import accounting, primitives
+from ...dp import accounting, events, primitives
 from ...dp import ledger as ledger_module
 from ...dp.ledger import PrivacyEvent, PrivacyLedger
 from ...dp.primitives import gaussian_noise
-from ...federated import dpfedavg, engine, strategies
+from ...federated import dpfedavg, engine, strategies, updates
 from ...federated import sequential as federated_sequential
+from ...federated.dpfedavg import round_events
 from ...federated.sequential import fit_dp_fedavg_sequential
-from ...recsys import data, metrics, sequential, train
+from ...recsys import data, metrics, models, sequential, train
 from ...recsys.data import leave_last_out_split, load_movielens100k
 from ...recsys.metrics import ranking_metrics
 from ...recsys.models import BiasedMF
@@ -78,8 +81,17 @@ TUNING = {"DP-SGD": {"lr": (0.5, 2.0, 8.0)}, "DP-FedAvg": {"server_lr": (0.5, 2.
 CANARY = {"repeats": (0, 1, 2, 4, 8), "per_repeat": 4, "prefix_len": 4, "secret_len": 4}
 """Canaries: 4 secrets per repetition count (0 = a control never inserted), 4 + 4 items each."""
 N_SAMPLES = 500
-_LIBRARY = (data, metrics, sequential, train, primitives, accounting, ledger_module, dpsgd, per_example,
-            user_dpsgd, strategies, engine, dpfedavg, federated_sequential, memorisation)
+_PRIOR = "user-level popularity"
+_LIBRARY = (data, metrics, models, sequential, train, primitives, accounting, events, ledger_module,
+            dpsgd, per_example, user_dpsgd, strategies, engine, dpfedavg, updates,
+            federated_sequential, memorisation, sys.modules[__name__])
+"""Every module whose code a cached result depends on (this one included): part of the key."""
+
+
+def _cached(name: str, config: dict, compute):
+    """:func:`~privrec.course.book.cached_json` keyed on ``config`` and :data:`_LIBRARY` (and, as
+    every cached result, on the arithmetic that computed it)."""
+    return cached_json(name, config, compute, modules=_LIBRARY)
 
 
 @dataclass(frozen=True)
@@ -124,17 +136,37 @@ def popularity_release(train_set: pd.DataFrame, *, n_users: int, n_items: int,
         0, torch.as_tensor(train_set["item"].to_numpy()), weight)
     gen = torch.Generator().manual_seed(seed)
     counts += gaussian_noise((n_items,), std=noise_multiplier, generator=gen, dtype=torch.double)
-    ledger.record_gaussian("user-level popularity", noise_multiplier=noise_multiplier)
+    ledger.record_gaussian(_PRIOR, noise_multiplier=noise_multiplier)
     return counts.clamp(min=1e-3).log().float()
 
 
-def _prior(train_set: pd.DataFrame, protocol: Protocol, epsilon: float, share: float,
+@functools.cache
+def _noise(method: str, epsilon: float, share: float, sample_rate: float, releases: int,
+           n_users: int) -> tuple[float, float]:
+    """``(z, σ)``: the prior's noise at ``share * epsilon`` alone, then the training noise for
+    which the prior and ``releases`` steps (or rounds) at ``sample_rate`` end at ``epsilon``.
+
+    The calibration reads no data, so runs that differ only in seed, step size or split share it
+    (memoised: the search is the slowest part of a short private run)."""
+    if math.isinf(epsilon):
+        return 0.0, 0.0
+    book = PrivacyLedger(unit="user", n_units=n_users)
+    z = book.calibrate(lambda z: [PrivacyEvent(_PRIOR, "gaussian", z, 1.0, 1, "user")],
+                       target_epsilon=share * epsilon)
+    book.record_gaussian(_PRIOR, noise_multiplier=z)
+
+    def steps(sigma: float) -> list[PrivacyEvent]:
+        if method == "DP-FedAvg":
+            return round_events(sigma, sample_rate=sample_rate, rounds=releases, unit="user")
+        return [PrivacyEvent(user_dpsgd.STEP_NAME, "gaussian", sigma, sample_rate, releases, "user")]
+
+    return z, book.calibrate(steps, target_epsilon=epsilon)
+
+
+def _prior(train_set: pd.DataFrame, protocol: Protocol, z: float,
            seed: int) -> tuple[torch.Tensor, PrivacyLedger]:
-    """The popularity prior at ``share * epsilon`` on a fresh user-level ledger."""
+    """The popularity prior with noise ``z`` on a fresh user-level ledger."""
     book = PrivacyLedger(unit="user", n_units=protocol.n_users)
-    z = 0.0 if math.isinf(epsilon) else book.copy().calibrate(
-        lambda z: [PrivacyEvent("user-level popularity", "gaussian", z, 1.0, 1, "user")],
-        target_epsilon=share * epsilon)
     scores = popularity_release(train_set, n_users=protocol.n_users, n_items=protocol.n_items,
                                 noise_multiplier=z, ledger=book, seed=seed)
     return scores, book
@@ -170,21 +202,23 @@ def run_nonprivate(protocol: Protocol, *, planted: bool = False, seed: int = 0) 
             model, protocol.train, protocol.test, n_users=protocol.n_users)
         return result | {"cpu_s": cpu, "epsilon": math.inf}
 
-    return cached_json("transformer-nonprivate", {"planted": planted, "seed": seed, **NONPRIVATE},
-                       compute, modules=_LIBRARY)
+    return _cached("transformer-nonprivate", {"planted": planted, "seed": seed, **NONPRIVATE},
+                   compute)
 
 
 def _train_private(method: str, model: SASRec, fit_on: pd.DataFrame, protocol: Protocol,
                    epsilon: float, settings: Mapping, seed: int):
-    prior, book = _prior(fit_on, protocol, epsilon, settings["prior_share"], seed)
+    kw = {k: v for k, v in settings.items() if k != "prior_share"}
+    releases = (dpsgd.dpsgd_steps(epochs=kw["epochs"], sample_rate=kw["sample_rate"])
+                if method == "DP-SGD" else kw["rounds"])
+    z, sigma = _noise(method, epsilon, settings["prior_share"], kw["sample_rate"], releases,
+                      protocol.n_users)
+    prior, book = _prior(fit_on, protocol, z, seed)
     with torch.no_grad():
         model.output.bias[1:] = prior
-    kw = {k: v for k, v in settings.items() if k != "prior_share"}
-    if method == "DP-SGD":
-        return fit_user_dpsgd(model, fit_on, n_users=protocol.n_users, target_epsilon=epsilon,
-                              seed=seed, ledger=book, **kw)
-    return fit_dp_fedavg_sequential(model, fit_on, n_users=protocol.n_users,
-                                    target_epsilon=epsilon, seed=seed, ledger=book, **kw)
+    fit = fit_user_dpsgd if method == "DP-SGD" else fit_dp_fedavg_sequential
+    return fit(model, fit_on, n_users=protocol.n_users, noise_multiplier=sigma, seed=seed,
+               ledger=book, **kw)
 
 
 def run_private(protocol: Protocol, method: str, epsilon: float, *,
@@ -206,11 +240,13 @@ def run_private(protocol: Protocol, method: str, epsilon: float, *,
 
     config = {"method": method, "epsilon": str(eps), "settings": settings, "split": split,
               "seed": seed, "model": PRIVATE_MODEL, "canary": CANARY, "samples": N_SAMPLES}
-    return cached_json("transformer-private", config, compute, modules=_LIBRARY)
+    return _cached("transformer-private", config, compute)
 
 
 def _private_popularity(protocol: Protocol, epsilon: float, seed: int) -> dict:
-    scores, book = _prior(protocol.train, protocol, epsilon, 1.0, seed)
+    z = 0.0 if math.isinf(epsilon) else PrivacyLedger(unit="user", n_units=protocol.n_users).calibrate(
+        lambda z: [PrivacyEvent(_PRIOR, "gaussian", z, 1.0, 1, "user")], target_epsilon=epsilon)
+    scores, book = _prior(protocol.train, protocol, z, seed)
     result = ranking_metrics(scores.expand(protocol.n_users, -1).clone(), protocol.train,
                              protocol.test)
     return result | {"epsilon": book.epsilon()}
@@ -230,8 +266,7 @@ def baselines(protocol: Protocol, *, epsilon: float = 8.0, seeds: Sequence[int] 
                 "implicit MF": ranking_metrics(mf_scores, protocol.train, protocol.test),
                 "private popularity": [_private_popularity(protocol, epsilon, s) for s in seeds]}
 
-    return cached_json("transformer-baselines", {"epsilon": epsilon, "seeds": list(seeds)},
-                       compute, modules=_LIBRARY)
+    return _cached("transformer-baselines", {"epsilon": epsilon, "seeds": list(seeds)}, compute)
 
 
 def validation_tuning(protocol: Protocol, method: str, *, epsilon: float = 8.0) -> dict:
