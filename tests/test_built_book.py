@@ -208,11 +208,7 @@ def test_outputs_and_tables_fit_the_text_column(browser, page_path):
 
 # Known defects, listed so that the test still fails on every other page (and on these once fixed:
 # xfail is only taken while the page is still too wide). Each names what to do.
-KNOWN_WIDE = {
-    "chapters/06_large_model_recommenders":
-        "printed summary lines of the cold-start and ablation cells exceed 80 characters: wrap them "
-        "in privrec.course.experiments.cold_start/large_models and re-execute chapter 6",
-}
+KNOWN_WIDE: dict[str, str] = {}
 NO_EXPLORE: dict[str, str] = {}
 
 

@@ -63,6 +63,8 @@ def test_grid_ledgers_and_warm_cold_evaluation(small):
     ledgers = lm.ledger_table(grid, TINY)
     assert len(ledgers) == 1 and ledgers["ledger ε"].iloc[0] == pytest.approx(2.0, abs=0.01)
     assert grid.loc[grid["target epsilon"] == math.inf, "relative loss"].eq(0).all()
+    lines = lm.grid_summary(grid, baseline=0.0, epsilon=2)
+    assert len(lines) == 4 and max(map(len, lines)) <= 80 and "beats popularity" in lines[0]
     bad = grid.copy()
     bad.loc[0, "ledger"] = "{}"
     with pytest.raises(ValueError, match="ledgers"):

@@ -115,6 +115,27 @@ def test_fit_two_tower_learns_and_returns_a_non_private_fit_result():
 
 
 @pytest.mark.parametrize("kind", ["two_tower", "mf"])
+def test_on_epoch_sees_exactly_the_shorter_runs(kind):
+    """One run to 4 epochs passes through the 2-epoch run bit for bit (the epoch search relies
+    on it), and ``on_epoch`` is called once per epoch."""
+    ml, emb = synthetic_with_text()
+    short = new_model(kind, emb=emb)
+    fit_two_tower(short, ml.ratings, epochs=2, lr=0.05, batch_size=128, seed=3)
+    seen = {}
+
+    def record(epoch, model):
+        seen[epoch] = model.score_all().detach().clone()
+
+    fit_two_tower(new_model(kind, emb=emb), ml.ratings, epochs=4, lr=0.05, batch_size=128, seed=3,
+                  on_epoch=record)
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert torch.equal(seen[2], short.score_all().detach())
+    assert not torch.equal(seen[4], seen[2])
+    with pytest.raises(TypeError, match="on_epoch"):
+        fit_two_tower(short, ml.ratings, epochs=1, on_epoch=3)
+
+
+@pytest.mark.parametrize("kind", ["two_tower", "mf"])
 def test_held_out_items_are_never_touched_when_negatives_come_from_the_pool(kind):
     ml, emb = synthetic_with_text()
     train = ml.ratings[ml.ratings["item"] < 40]

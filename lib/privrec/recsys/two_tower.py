@@ -21,14 +21,14 @@ References: Hu et al. (2022), LoRA, ICLR; McMahan et al. (2018), DP recurrent la
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from ..core.checks import int_in, non_negative, positive
+from ..core.checks import function, int_in, non_negative, positive
 from ..core.checks import seed as check_seed
 from ..core.results import FitResult
 from .data import validate_ratings
@@ -244,7 +244,8 @@ def _implicit_epoch(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
 
 def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr: float = 0.01,
                   batch_size: int = 1024, n_negatives: int = 4, reg: float = 1e-4,
-                  negative_items: object = None, seed: int = 0) -> FitResult:
+                  negative_items: object = None, seed: int = 0,
+                  on_epoch: Callable[[int, nn.Module], None] | None = None) -> FitResult:
     """Central, non-private training on implicit feedback of a two-tower model.
 
     Every (user, item) of ``train`` is a positive; ``n_negatives`` items drawn uniformly from
@@ -261,6 +262,9 @@ def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr
     negative_items:
         Pass the warm items when some items are held out as cold-start items: then no step ever
         touches a cold item (otherwise training learns that exactly those items are never chosen).
+    on_epoch:
+        Called as ``on_epoch(epoch, model)`` after each epoch (1, 2, ...): one run to ``epochs``
+        passes through every shorter run with the same seed, so a search over epochs trains once.
 
     Returns
     -------
@@ -280,13 +284,16 @@ def fit_two_tower(model: nn.Module, train: pd.DataFrame, *, epochs: int = 20, lr
     epochs, batch_size = int_in("epochs", epochs, 1), int_in("batch_size", batch_size, 1)
     n_negatives = int_in("n_negatives", n_negatives, 1)
     lr, reg = positive("lr", lr), non_negative("reg", reg)
+    on_epoch = None if on_epoch is None else function("on_epoch", on_epoch)
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
     users = torch.as_tensor(train["user"].to_numpy(np.int64))
     items = torch.as_tensor(train["item"].to_numpy(np.int64))
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, start = [], time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         losses.append(_implicit_epoch(model, users, items, pool, optimiser, gen,
                                       batch_size=batch_size, n_negatives=n_negatives, reg=reg,
                                       shared_names=shared_names))
+        if on_epoch is not None:
+            on_epoch(epoch, model)
     return FitResult(model, {"loss": losses}, None, time.perf_counter() - start)

@@ -10,6 +10,8 @@ deployed system has -- popularity counted on the held-out ratings themselves.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 import torch
@@ -23,7 +25,7 @@ from ...recsys.two_tower import TwoTowerRecommender, fit_two_tower
 from ..book import cached_json
 
 __all__ = ["CENTRAL", "EPOCH_GRID", "cold_metrics", "central_model", "cold_epoch_search",
-           "cold_start_table", "warm_ndcg", "nearest_titles"]
+           "cold_start_table", "warm_ndcg", "nearest_titles", "neighbour_lines"]
 
 #: Central training settings (chapter 1's Adam step) and the epoch grid of the search.
 CENTRAL = dict(lr=0.01, batch_size=1024, n_negatives=4)
@@ -46,7 +48,10 @@ def central_model(kind: str, embeddings: torch.Tensor, n_users: int, seed: int =
 
 def cold_epoch_search(split: ColdStartSplit, embeddings: torch.Tensor, *, n_users: int,
                       key: str) -> tuple[pd.DataFrame, dict]:
-    """Validation NDCG@10 for each model and number of epochs; the best (ties: fewer epochs)."""
+    """Validation NDCG@10 for each model and number of epochs; the best (ties: fewer epochs).
+
+    Each model trains once, to the largest number of epochs, and is scored after each epoch of
+    :data:`EPOCH_GRID`: with one seed, a shorter run is exactly the start of a longer one."""
     warm = split.warm_items
 
     def search():
@@ -54,13 +59,16 @@ def cold_epoch_search(split: ColdStartSplit, embeddings: torch.Tensor, *, n_user
         val = cold_start_split(inner, n_items=len(warm), fraction=0.1, seed=1)
         rows = []
         for kind in ("two-tower", "MF"):
-            for epochs in EPOCH_GRID:
-                model = central_model(kind, embeddings[warm], n_users)
-                fit_two_tower(model, val.train, epochs=epochs, negative_items=val.warm_items,
-                              seed=0, **CENTRAL)
-                with torch.no_grad():
-                    m = cold_metrics(model.score_all(), val.test, val.cold_items)
-                rows.append({"model": kind, "epochs": epochs, "validation NDCG@10": round(m["ndcg"], 4)})
+            def score(epoch, model, kind=kind):
+                if epoch in EPOCH_GRID:
+                    with torch.no_grad():
+                        m = cold_metrics(model.score_all(), val.test, val.cold_items)
+                    rows.append({"model": kind, "epochs": epoch,
+                                 "validation NDCG@10": round(m["ndcg"], 4)})
+
+            fit_two_tower(central_model(kind, embeddings[warm], n_users), val.train,
+                          epochs=max(EPOCH_GRID), negative_items=val.warm_items, seed=0,
+                          on_epoch=score, **CENTRAL)
         return rows
 
     table = pd.DataFrame(cached_json("ch6-cold-epochs", {"embeddings": key, **CENTRAL,
@@ -139,3 +147,20 @@ def nearest_titles(items: pd.DataFrame, embeddings: torch.Tensor, title: str, k:
     cos[i] = -float("inf")
     top = torch.argsort(-cos, stable=True)[:k]  # ties: smaller id first
     return ", ".join(f"{items.loc[int(j), 'title']} ({cos[j]:.2f})" for j in top)
+
+
+def neighbour_lines(items: pd.DataFrame, embeddings: torch.Tensor, *,
+                    titles: tuple[str, ...] = ("Toy Story", "Schindler's List", "Star Wars"),
+                    query: str = "Toy Story",
+                    others: tuple[str, ...] = ("Aladdin", "Schindler's List")) -> list[str]:
+    """Lines of at most 80 characters: each of ``titles`` with its :func:`nearest_titles`, then
+    the cosine similarity of ``query`` with each of ``others`` (embeddings of unit norm)."""
+    lines = []
+    for t in titles:  # wrap between neighbours, never inside a title
+        names = nearest_titles(items, embeddings, t).replace("), ", ")\0").split("\0")
+        lines += textwrap.wrap(f"{t} -> " + ", ".join(n.replace(" ", "\xa0") for n in names), 80,
+                               subsequent_indent="    ", break_on_hyphens=False)
+    lines = [line.replace("\xa0", " ") for line in lines]
+    row = {t: int(items.index[items["title"] == t][0]) for t in (query, *others)}
+    return lines + [f"cos({query}, {o}) = {float(embeddings[row[query]] @ embeddings[row[o]]):.2f}"
+                    for o in others]
