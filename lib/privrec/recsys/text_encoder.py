@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from ..core.arithmetic import arithmetic_tag  # noqa: E402
 from ..core.checks import flag, int_in, path_like, text  # noqa: E402
 
 __all__ = ["DEFAULT_MODEL", "item_text", "item_texts", "load_text_encoder", "encode_items",
@@ -129,7 +130,10 @@ def _minilm_encoder(texts: list[str]) -> np.ndarray:
 
 
 def _texts_key(model_name: str, texts: Sequence[str]) -> str:
-    digest = hashlib.sha256(model_name.encode())
+    """SHA-256 of the model name, the arithmetic that computes the embeddings
+    (:func:`~privrec.core.arithmetic.arithmetic_tag`: other CPU kernels give other last bits) and
+    the texts."""
+    digest = hashlib.sha256(f"{model_name}\0{arithmetic_tag()}".encode())
     for entry in texts:  # length-prefixed, so ["ab"] and ["a", "b"] differ
         data = entry.encode()
         digest.update(len(data).to_bytes(8, "little"))
