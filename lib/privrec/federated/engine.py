@@ -204,7 +204,10 @@ class FederatedSimulator:
         :class:`~privrec.federated.dpfedavg.DPFedAvg` wrapping one of them.
     chunk_ratings:
         Clients are trained and aggregated in groups of about this many examples (memory bound;
-        the default keeps a chunk's tensors near the CPU caches; the numbers do not depend on it).
+        the default keeps a chunk's tensors near the CPU caches). The numbers do not depend on it
+        when each client draws its own randomness; a model that draws randomness shared by a
+        chunk (:class:`~privrec.federated.sequential.FederatedSequential`'s sampled negatives)
+        gives other numbers for another chunk size, so its runs fix the chunk size.
     keep_updates:
         Keep the last round's uploads in :attr:`last_updates` (for attacks and tests; costs the
         memory of a whole cohort's upload).
