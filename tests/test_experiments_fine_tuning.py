@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from privrec.course.experiments import fine_tuning
-from privrec.recsys import lora
+from privrec.recsys import lora, text_encoder
 from privrec.recsys.data import synthetic_movielens
 from privrec.recsys.text_encoder import encode_items
 
@@ -36,14 +36,23 @@ def test_embeddings_are_the_sentence_transformer_ones_and_the_key_digests_them(c
 
 def test_a_cache_file_from_other_kernels_is_never_read(catalogue, monkeypatch):
     cat, cache = catalogue
-    ours = lora.top_layer_cache_name()
-    assert lora.arithmetic_tag() in ours
-    monkeypatch.setattr(lora, "arithmetic_tag", lambda: "torch-AVX512-mklauto")
-    assert lora.top_layer_cache_name() != ours
+    name = lora.top_layer_cache_name()
+    ours = text_encoder.embedding_cache_path(cat.texts, model_name=name, cache_dir=cache)
+    monkeypatch.setattr(text_encoder, "arithmetic_tag", lambda: "torch-AVX512-mklauto")
+    assert text_encoder.embedding_cache_path(cat.texts, model_name=name, cache_dir=cache) != ours
     (cache / "embeddings").mkdir(exist_ok=True)
     before = set((cache / "embeddings").iterdir())
     lora.top_layer_inputs(cat.texts, cache_dir=cache)  # the same texts as the cached file
     assert len(set((cache / "embeddings").iterdir()) - before) == 1  # a new file, not ours
+
+
+def test_the_cache_file_name_fits_the_file_system_under_the_makefiles_settings(monkeypatch):
+    for name, value in {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+                        "MKL_CBWR": "COMPATIBLE", "OPENBLAS_CORETYPE": "Nehalem",
+                        "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}.items():
+        monkeypatch.setenv(name, value)
+    path = text_encoder.embedding_cache_path(["a"], model_name=lora.top_layer_cache_name())
+    assert len(path.name) + len(".abcdefgh.part") < 255  # with mkstemp's suffix
 
 
 def test_ffa_table_takes_ffa_from_the_grid_and_runs_plain_lora(monkeypatch):

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.arithmetic import arithmetic_tag
 from ..core.checks import choice, int_in, positive
 from ..core.checks import seed as check_seed
 from . import text_encoder
@@ -129,12 +128,11 @@ def _save(path, key: str, parts: dict[str, np.ndarray]) -> None:
 
 
 def top_layer_cache_name() -> str:
-    """The model name :func:`top_layer_inputs` keys its disk cache on: MiniLM, the layer, a hash of
-    the code that computes the inputs and :func:`~privrec.core.arithmetic.arithmetic_tag` (a file
-    written by other code or other kernels is never read)."""
+    """The model name :func:`top_layer_inputs` keys its disk cache on: MiniLM, the layer and a hash
+    of the code that computes the inputs (a file written by other code is never read; the texts'
+    key, :func:`~privrec.recsys.text_encoder.embedding_cache_path`, adds the arithmetic)."""
     code = hashlib.sha256(inspect.getsource(_forward_with_hooks).encode()).hexdigest()[:12]
-    return (f"{text_encoder.DEFAULT_MODEL}#layer{TOP_LAYER}-ffn-inputs#{code}"
-            f"#{arithmetic_tag()}")
+    return f"{text_encoder.DEFAULT_MODEL}#layer{TOP_LAYER}-ffn-inputs#{code}"
 
 
 def top_layer_inputs(texts: list[str], *, cache_dir=None, use_cache: bool = True) -> TopLayerInputs:
