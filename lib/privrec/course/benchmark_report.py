@@ -62,7 +62,8 @@ def step_summary(section: dict) -> list[str]:
              if k not in ("no privacy", "privrec")}
     fastest = section.get("fastest_opacus") or (min(ratio, key=ratio.get) if ratio else None)
     if fastest is not None:
-        lines.append(f"fastest peer mode: {fastest}; privrec is {ratio[fastest]:.1f}x faster")
+        lines.append(f"fastest peer mode: {fastest}, {ratio[fastest]:.2f}x privrec's time "
+                     f"({'privrec faster' if ratio[fastest] > 1 else 'privrec not faster'})")
     else:
         lines.append("no peer mode could run this model: no ratio to report")
     return lines
