@@ -114,7 +114,7 @@ book-zh: $(STAMP)
 # the column, no solution visible without a click; each Explore figure responds; the menu works at
 # 390 and 900 px; search snippets show no TeX (tests/test_built_book.py).
 check-book: $(STAMP)
-	PRIVREC_CHECK_BOOK=1 $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup tests/test_built_book.py
+	PRIVREC_CHECK_BOOK=1 $(BIN)/python -m pytest -p no:cacheprovider tests/test_built_book.py
 
 # After `make book`: full-page screenshots of every page at 1280 px and 390 px in _build/gallery
 # (for looking at the pages as a reader does; not committed).
