@@ -11,7 +11,7 @@ import torch
 
 from privrec.federated.protocols import FederatedModel
 from privrec.federated.sequential import FederatedSequential, fit_dp_fedavg_sequential
-from privrec.recsys.data import leave_last_out_split, synthetic_movielens
+from privrec.recsys.data import leave_last_out_split
 from privrec.recsys.metrics import ranking_metrics
 from privrec.recsys.sequential import (
     SASRec,
@@ -24,11 +24,6 @@ from privrec.recsys.sequential import (
     training_windows,
     user_sequences,
 )
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_movielens(n_users=40, n_items=30, n_ratings=600, seed=0)
 
 
 def _cycle_data(n_users: int = 30, n_items: int = 20, length: int = 12) -> pd.DataFrame:
@@ -128,13 +123,13 @@ def test_training_learns_a_sequential_pattern_that_popularity_cannot():
     assert metrics["hr"] > 0.9  # the next item of a cycle is always its successor
 
 
-def test_evaluation_is_ranking_metrics_on_the_last_position(data):
-    train, test = leave_last_out_split(data.ratings)
-    model = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0, seed=1)
-    scores = next_item_scores(model, user_sequences(train, n_users=data.n_users,
-                                                    n_items=data.n_items))
+def test_evaluation_is_ranking_metrics_on_the_last_position(seqdata):
+    train, test = leave_last_out_split(seqdata.ratings)
+    model = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0, seed=1)
+    scores = next_item_scores(model, user_sequences(train, n_users=seqdata.n_users,
+                                                    n_items=seqdata.n_items))
     expected = ranking_metrics(scores, train, test)
-    assert evaluate_next_item(model, train, test, n_users=data.n_users) == expected
+    assert evaluate_next_item(model, train, test, n_users=seqdata.n_users) == expected
     # by hand for user 0: rank among unseen items, 1 / log2(rank + 2) inside the top 10
     row = scores[0].double().clone()
     row[torch.as_tensor(train.loc[train["user"] == 0, "item"].to_numpy())] = -math.inf
@@ -144,7 +139,7 @@ def test_evaluation_is_ranking_metrics_on_the_last_position(data):
     assert one["ndcg"] == pytest.approx(1 / math.log2(rank + 2) if rank < 10 else 0.0)
 
 
-def test_bad_arguments_name_the_parameter(data):
+def test_bad_arguments_name_the_parameter(seqdata):
     with pytest.raises(TypeError, match="dim"):
         SASRec(10, dim="8")
     with pytest.raises(ValueError, match="dropout"):
@@ -152,27 +147,27 @@ def test_bad_arguments_name_the_parameter(data):
     with pytest.raises(ValueError, match="multiple of n_heads"):
         SASRec(10, dim=6, n_heads=4)
     with pytest.raises(TypeError, match="model must be a SASRec"):
-        fit_sasrec(torch.nn.Linear(2, 2), data.ratings)
+        fit_sasrec(torch.nn.Linear(2, 2), seqdata.ratings)
     with pytest.raises(ValueError, match="timestamp"):
-        user_sequences(data.ratings.drop(columns="timestamp"), n_users=data.n_users,
-                       n_items=data.n_items)
+        user_sequences(seqdata.ratings.drop(columns="timestamp"), n_users=seqdata.n_users,
+                       n_items=seqdata.n_items)
     with pytest.raises(ValueError, match="max_len"):
-        training_windows(user_sequences(data.ratings, n_users=data.n_users, n_items=data.n_items),
+        training_windows(user_sequences(seqdata.ratings, n_users=seqdata.n_users, n_items=seqdata.n_items),
                          max_len=0)
 
 
 # -- the federated model -----------------------------------------------------------------------
 
-def test_federated_model_follows_the_protocol_and_trains_each_client_alone(data):
-    train, _ = leave_last_out_split(data.ratings)
-    model = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
-    clients = FederatedSequential(model, train, n_users=data.n_users, local_steps=2,
+def test_federated_model_follows_the_protocol_and_trains_each_client_alone(seqdata):
+    train, _ = leave_last_out_split(seqdata.ratings)
+    model = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
+    clients = FederatedSequential(model, train, n_users=seqdata.n_users, local_steps=2,
                                   client_lr=0.3, n_negatives=None)
     assert isinstance(clients, FederatedModel) and clients.upload == "dense"
     shared = clients.shared_state()
     updates = clients.local_training(shared, torch.tensor([1, 4]))
     # client 4 alone, by hand: two SGD steps of its own loss from the broadcast model
-    twin = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
+    twin = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
     opt = torch.optim.SGD(twin.parameters(), lr=0.3)
     for _ in range(2):
         opt.zero_grad()
@@ -182,39 +177,39 @@ def test_federated_model_follows_the_protocol_and_trains_each_client_alone(data)
         assert torch.allclose(updates.dense[name][1], p.detach() - shared[name], atol=1e-5), name
 
 
-def test_dp_fedavg_ledger_composes_the_prior_release(data):
+def test_dp_fedavg_ledger_composes_the_prior_release(seqdata):
     from privrec.dp.ledger import PrivacyLedger
 
-    train, test = leave_last_out_split(data.ratings)
-    prior = PrivacyLedger(unit="user", n_units=data.n_users)
+    train, test = leave_last_out_split(seqdata.ratings)
+    prior = PrivacyLedger(unit="user", n_units=seqdata.n_users)
     prior.record_gaussian("prior", noise_multiplier=3.0)
-    model = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
-    fit = fit_dp_fedavg_sequential(model, train, n_users=data.n_users, target_epsilon=4.0,
+    model = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0, seed=0)
+    fit = fit_dp_fedavg_sequential(model, train, n_users=seqdata.n_users, target_epsilon=4.0,
                                    rounds=3, sample_rate=0.3, ledger=prior, n_negatives=None)
     assert fit.ledger.epsilon() == pytest.approx(4.0, abs=0.05)
     assert [e.name for e in fit.ledger.events] == ["prior", "DP-FedAvg round"]
     assert fit.ledger.events[1].count == 3 and len(prior.events) == 1  # the input is not changed
-    assert set(evaluate_next_item(fit.model, train, test, n_users=data.n_users)) == {"hr", "ndcg"}
+    assert set(evaluate_next_item(fit.model, train, test, n_users=seqdata.n_users)) == {"hr", "ndcg"}
     with pytest.raises(ValueError, match="dropout"):
-        FederatedSequential(SASRec(data.n_items, dim=8, dropout=0.1), train, n_users=data.n_users)
+        FederatedSequential(SASRec(seqdata.n_items, dim=8, dropout=0.1), train, n_users=seqdata.n_users)
 
 
-def test_dp_fedavg_with_a_given_noise_multiplier_records_it(data):
-    train, _ = leave_last_out_split(data.ratings)
-    calibrated = fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0),
-                                          train, n_users=data.n_users, target_epsilon=4.0,
+def test_dp_fedavg_with_a_given_noise_multiplier_records_it(seqdata):
+    train, _ = leave_last_out_split(seqdata.ratings)
+    calibrated = fit_dp_fedavg_sequential(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0),
+                                          train, n_users=seqdata.n_users, target_epsilon=4.0,
                                           rounds=2, sample_rate=0.3, n_negatives=None)
     sigma = calibrated.history["noise_multiplier"][0]
-    given = fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                                     n_users=data.n_users, noise_multiplier=sigma, rounds=2,
+    given = fit_dp_fedavg_sequential(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                     n_users=seqdata.n_users, noise_multiplier=sigma, rounds=2,
                                      sample_rate=0.3, n_negatives=None)
     assert given.ledger.epsilon() == pytest.approx(calibrated.ledger.epsilon(), rel=1e-9)
     for name, p in given.model.named_parameters():
         assert torch.equal(p, dict(calibrated.model.named_parameters())[name]), name
     with pytest.raises(ValueError, match="exactly one"):
-        fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                                 n_users=data.n_users, rounds=2, sample_rate=0.3)
+        fit_dp_fedavg_sequential(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                 n_users=seqdata.n_users, rounds=2, sample_rate=0.3)
     with pytest.raises(ValueError, match="noise_multiplier"):
-        fit_dp_fedavg_sequential(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                                 n_users=data.n_users, noise_multiplier=-1.0, rounds=2,
+        fit_dp_fedavg_sequential(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                                 n_users=seqdata.n_users, noise_multiplier=-1.0, rounds=2,
                                  sample_rate=0.3, n_negatives=None)

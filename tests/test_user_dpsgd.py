@@ -21,13 +21,8 @@ from privrec.central.user_dpsgd import (
     per_user_gradients,
 )
 from privrec.dp.ledger import PrivacyLedger, default_delta
-from privrec.recsys.data import leave_last_out_split, synthetic_movielens
+from privrec.recsys.data import leave_last_out_split
 from privrec.recsys.sequential import SASRec, sequence_losses
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_movielens(n_users=40, n_items=30, n_ratings=600, seed=0)
 
 
 def _batch(n_users=8, length=8, n_items=30, seed=0):
@@ -159,13 +154,13 @@ def test_each_user_moves_the_clipped_sum_by_at_most_c():
     assert diff >= 0.05 * (1 - 1e-4)
 
 
-def test_empty_batch_releases_pure_noise_of_the_calibrated_size(data):
+def test_empty_batch_releases_pure_noise_of_the_calibrated_size(seqdata):
     sigma, clip, q = 1.5, 0.8, 0.25
-    train, _ = leave_last_out_split(data.ratings)
-    run = UserDPSGD(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                    n_users=data.n_users, clip_norm=clip, noise_multiplier=sigma, sample_rate=q,
+    train, _ = leave_last_out_split(seqdata.ratings)
+    run = UserDPSGD(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                    n_users=seqdata.n_users, clip_norm=clip, noise_multiplier=sigma, sample_rate=q,
                     n_negatives=None)
-    expected = sigma * clip / (q * data.n_users)
+    expected = sigma * clip / (q * seqdata.n_users)
     empty = torch.zeros(0, dtype=torch.long)
     draws = [run.noisy_gradient(empty) for _ in range(30)]
     for name, _ in run.model.named_parameters():
@@ -180,32 +175,32 @@ def test_empty_batch_releases_pure_noise_of_the_calibrated_size(data):
             return torch.zeros(0, dtype=torch.long)
 
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    silent = EmptyBatches(run.model, train, n_users=data.n_users, clip_norm=clip,
+    silent = EmptyBatches(run.model, train, n_users=seqdata.n_users, clip_norm=clip,
                           noise_multiplier=sigma, sample_rate=q, n_negatives=None)
     silent.step()
     assert silent.ledger.events[0].count == 1 and silent.epsilon() > 0
     assert any(not torch.equal(before[n], p) for n, p in run.model.named_parameters())
 
 
-def test_poisson_sampling_of_users(data):
-    train, _ = leave_last_out_split(data.ratings)
-    run = UserDPSGD(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                    n_users=data.n_users, clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.3,
+def test_poisson_sampling_of_users(seqdata):
+    train, _ = leave_last_out_split(seqdata.ratings)
+    run = UserDPSGD(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                    n_users=seqdata.n_users, clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.3,
                     n_negatives=None)
     sizes = torch.tensor([len(run.sample_batch()) for _ in range(400)]).double()
-    mean, sd = 0.3 * data.n_users, math.sqrt(data.n_users * 0.3 * 0.7)
+    mean, sd = 0.3 * seqdata.n_users, math.sqrt(seqdata.n_users * 0.3 * 0.7)
     assert abs(sizes.mean().item() - mean) < 5 * sd / math.sqrt(400)
     assert (sizes == 0).sum() == 0 or sizes.min() >= 0  # a sample may be empty: sizes vary
     assert sizes.std().item() == pytest.approx(sd, rel=0.25)
 
 
-def test_ledger_epsilon_equals_dp_accounting(data):
+def test_ledger_epsilon_equals_dp_accounting(seqdata):
     dp_accounting = pytest.importorskip("dp_accounting")
-    train, _ = leave_last_out_split(data.ratings)
-    model = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0)
-    fit = fit_user_dpsgd(model, train, n_users=data.n_users, target_epsilon=3.0, epochs=1.0,
+    train, _ = leave_last_out_split(seqdata.ratings)
+    model = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0)
+    fit = fit_user_dpsgd(model, train, n_users=seqdata.n_users, target_epsilon=3.0, epochs=1.0,
                          sample_rate=0.25, n_negatives=None)
-    sigma, delta = fit.history["noise_multiplier"][0], default_delta(data.n_users)
+    sigma, delta = fit.history["noise_multiplier"][0], default_delta(seqdata.n_users)
     assert fit.ledger.unit == "user" and fit.ledger.delta == delta
     assert fit.ledger.events[0].name == STEP_NAME and fit.ledger.events[0].count == 4
     orders = [o for o in fit.ledger.orders if o == int(o)]  # dp-accounting's exact orders
@@ -218,30 +213,30 @@ def test_ledger_epsilon_equals_dp_accounting(data):
     assert ours.epsilon() == pytest.approx(accountant.get_epsilon(delta), rel=1e-6)
     assert fit.ledger.epsilon() <= accountant.get_epsilon(delta)  # more (fractional) orders
     assert fit.ledger.epsilon() <= 3.0 + 1e-9
-    assert fit_user_dpsgd(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                          n_users=data.n_users, target_epsilon=math.inf, epochs=1.0,
+    assert fit_user_dpsgd(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                          n_users=seqdata.n_users, target_epsilon=math.inf, epochs=1.0,
                           sample_rate=0.5, n_negatives=None).ledger.epsilon() == math.inf
 
 
-def test_calibration_counts_earlier_releases(data):
-    train, _ = leave_last_out_split(data.ratings)
-    prior = PrivacyLedger(unit="user", n_units=data.n_users)
+def test_calibration_counts_earlier_releases(seqdata):
+    train, _ = leave_last_out_split(seqdata.ratings)
+    prior = PrivacyLedger(unit="user", n_units=seqdata.n_users)
     prior.record_gaussian("prior", noise_multiplier=2.0)
-    alone = fit_user_dpsgd(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                           n_users=data.n_users, target_epsilon=4.0, epochs=1.0, sample_rate=0.5,
+    alone = fit_user_dpsgd(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                           n_users=seqdata.n_users, target_epsilon=4.0, epochs=1.0, sample_rate=0.5,
                            n_negatives=None)
-    after = fit_user_dpsgd(SASRec(data.n_items, dim=8, max_len=6, dropout=0.0), train,
-                           n_users=data.n_users, target_epsilon=4.0, epochs=1.0, sample_rate=0.5,
+    after = fit_user_dpsgd(SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0), train,
+                           n_users=seqdata.n_users, target_epsilon=4.0, epochs=1.0, sample_rate=0.5,
                            n_negatives=None, ledger=prior)
     assert after.history["noise_multiplier"][0] > alone.history["noise_multiplier"][0]
     assert after.ledger.epsilon() == pytest.approx(4.0, abs=0.05)
 
 
-def test_bad_arguments(data):
-    train, _ = leave_last_out_split(data.ratings)
-    model = SASRec(data.n_items, dim=8, max_len=6, dropout=0.0)
+def test_bad_arguments(seqdata):
+    train, _ = leave_last_out_split(seqdata.ratings)
+    model = SASRec(seqdata.n_items, dim=8, max_len=6, dropout=0.0)
     with pytest.raises(ValueError, match="dropout"):
-        per_user_gradients(SASRec(data.n_items, dim=8, dropout=0.1), *_batch(n_items=30))
+        per_user_gradients(SASRec(seqdata.n_items, dim=8, dropout=0.1), *_batch(n_items=30))
     with pytest.raises(TypeError, match="model must be a SASRec"):
         UserDPSGD(nn.Linear(2, 2), train, n_users=40, clip_norm=1, noise_multiplier=1,
                   sample_rate=0.5)
