@@ -39,7 +39,10 @@ all: test book
 
 # The environment is installed from the lock, every version exact and nothing resolved: a fresh
 # machine next year gets what CI has today. `make lock` regenerates the lock (see README.md).
+# A .venv linked from another checkout is refused: `pip install -e ./lib` would point that
+# checkout's environment at this one's library.
 $(STAMP): requirements.lock lib/pyproject.toml
+	@test ! -L $(VENV) || { echo "$(VENV) is a symbolic link: make a venv of this checkout's own"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e ./lib
@@ -113,8 +116,10 @@ book-zh: $(STAMP)
 # errors; no visible TeX, no output wider than the text column, figures with alt text drawn for
 # the column, no solution visible without a click; each Explore figure responds; the menu works at
 # 390 and 900 px; search snippets show no TeX (tests/test_built_book.py).
+# Both cores: every check of one page stays in the worker that opened it (xdist groups).
 check-book: $(STAMP)
-	PRIVREC_CHECK_BOOK=1 $(BIN)/python -m pytest -p no:cacheprovider tests/test_built_book.py
+	PRIVREC_CHECK_BOOK=1 $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup \
+		tests/test_built_book.py
 
 # After `make book`: full-page screenshots of every page at 1280 px and 390 px in _build/gallery
 # (for looking at the pages as a reader does; not committed).

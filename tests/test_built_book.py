@@ -65,9 +65,7 @@ CHAPTER_PAGES = [p for p in PAGES if _in_edition(p)[1].startswith("chapters/")]
 
 def _grouped(values, group=lambda v: v):
     """Parameters that xdist keeps together under `-n 2 --dist loadgroup`: all the checks of one
-    page run in the worker that visited it, so each page is opened once. `make check-book` runs on
-    one worker: with two, the widget fonts of a Chinese page were once requested at an unmapped path
-    (a load-order race in book/assets/static/vendor/widgets-setup.js, not fixed yet)."""
+    page run in the worker that visited it, so each page is opened once (`make check-book`)."""
     return [pytest.param(v, marks=pytest.mark.xdist_group(f"page:{group(v)}"), id=v or "en")
             for v in values]
 
@@ -171,10 +169,40 @@ INSPECT_JS = (Path(__file__).with_name("built_book_inspect.js")).read_text()
 @functools.cache
 def _report(browser, page_path: str) -> dict:
     visit = Visit(browser, page_path).settle()
-    report = visit.page.evaluate(INSPECT_JS, TEX.pattern)
+    report = visit.page.evaluate(INSPECT_JS, TEX.pattern)  # also marks the Explore sections
     report["problems"] = visit.problems + [f"network request: {u}" for u in visit.external()]
+    # Last, since it changes the page: move every control of every Explore figure (same visit).
+    report["controls"] = _move_every_control(visit, page_path)
     visit.page.close()
     return report
+
+
+def _move_every_control(visit: Visit, page_path: str) -> dict:
+    """Move each control of each responding Explore figure to another end of its range: the
+    figure's selection and drawing must change and exactly one figure stay visible."""
+    roots = visit.page.locator("section.privrec-explore .privrec-static-widget, "
+                               "section.privrec-explore .privrec-explorer")
+    bad = []
+    for k in range(roots.count()):
+        root = roots.nth(k)
+        names = root.locator('input[type="range"]').evaluate_all("els => els.map(e => e.name)")
+        if not names:
+            bad.append(f"figure {k} has no control")
+        for name in names:
+            before = (root.get_attribute("data-selected"), root.inner_html())
+            root.locator(f'input[name="{name}"]').evaluate(
+                "el => { el.value = el.value === '0' ? el.max : '0';"
+                " el.dispatchEvent(new Event('input')); }")
+            after = (root.get_attribute("data-selected"), root.inner_html())
+            if after[0] == before[0]:
+                bad.append(f"moving {name!r} selected nothing new")
+            if after[1] == before[1]:
+                bad.append(f"moving {name!r} left the figure as it was")
+            visible = root.locator("figure:visible img, svg[role='img']").count()
+            if visible != 1:
+                bad.append(f"{visible} figures visible after moving {name!r}")
+    problems = visit.problems + [f"network request: {u}" for u in visit.external()]
+    return {"roots": roots.count(), "bad": bad, "problems": problems}
 
 
 @pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
@@ -202,16 +230,7 @@ def test_outputs_and_tables_fit_the_text_column(browser, page_path):
     report = _report(browser, page_path)
     wide = [f"{w['width']} px > {report['column']} px: {w['what']}" for w in report["wide"]]
     assert report["column"] >= 600, report["column"]
-    chapter = _in_edition(page_path)[1].removesuffix(".html")
-    if chapter in KNOWN_WIDE and wide:
-        pytest.xfail(f"known defect: {KNOWN_WIDE[chapter]}")
     assert not wide, f"{page_path}: wider than the text column at 1280 px:\n  " + "\n  ".join(wide[:8])
-
-
-# Known defects, listed so that the test still fails on every other page (and on these once fixed:
-# xfail is only taken while the page is still too wide). Each names what to do.
-KNOWN_WIDE: dict[str, str] = {}
-NO_EXPLORE: dict[str, str] = {}
 
 
 def _descriptive(alt: str) -> bool:
@@ -285,9 +304,6 @@ def test_every_explore_section_has_exactly_one_figure(browser, page_path):
     report = _report(browser, page_path)
     explores = report["explores"]
     number = int(_in_edition(page_path)[1].split("/")[1][:2])
-    chapter = _in_edition(page_path)[1].removesuffix(".html")
-    if chapter in NO_EXPLORE and not explores:
-        pytest.xfail(f"known gap: {NO_EXPLORE[chapter]}")
     if number <= 9:
         assert explores, f"{page_path}: no Explore section"
     bad = [f"{e['title']!r}: {e['figures']} visible figures, {e['roots']} that respond"
@@ -299,30 +315,10 @@ def test_every_explore_section_has_exactly_one_figure(browser, page_path):
 @pytest.mark.parametrize("page_path", _grouped([p for p in CHAPTER_PAGES
                                                 if int(_in_edition(p)[1].split("/")[1][:2]) <= 9]))
 def test_every_control_of_every_explore_figure_changes_it(browser, page_path):
-    visit = Visit(browser, page_path)
-    roots = visit.page.locator("section.privrec-explore .privrec-static-widget, "
-                               "section.privrec-explore .privrec-explorer")
-    visit.page.evaluate(INSPECT_JS, TEX.pattern)  # marks the Explore sections
-    chapter = _in_edition(page_path)[1].removesuffix(".html")
-    if chapter in NO_EXPLORE and roots.count() == 0:
-        pytest.xfail(f"known gap: {NO_EXPLORE[chapter]}")
-    assert roots.count() >= 1, f"{page_path}: no figure that responds without a kernel"
-    for k in range(roots.count()):
-        root = roots.nth(k)
-        names = root.locator('input[type="range"]').evaluate_all("els => els.map(e => e.name)")
-        assert names, f"{page_path}: figure {k} has no control"
-        for name in names:
-            before = (root.get_attribute("data-selected"), root.inner_html())
-            root.locator(f'input[name="{name}"]').evaluate(
-                "el => { el.value = el.value === '0' ? el.max : '0';"
-                " el.dispatchEvent(new Event('input')); }")
-            after = (root.get_attribute("data-selected"), root.inner_html())
-            assert after[0] != before[0], f"{page_path}: moving {name!r} selected nothing new"
-            assert after[1] != before[1], f"{page_path}: moving {name!r} left the figure as it was"
-            visible = root.locator("figure:visible img, svg[role='img']").count()
-            assert visible == 1, f"{page_path}: {visible} figures visible after moving {name!r}"
-    assert not visit.external() and not visit.problems, visit.external() + visit.problems
-    visit.page.close()
+    controls = _report(browser, page_path)["controls"]
+    assert controls["roots"] >= 1, f"{page_path}: no figure that responds without a kernel"
+    assert not controls["bad"], f"{page_path}:\n  " + "\n  ".join(controls["bad"])
+    assert not controls["problems"], controls["problems"]
 
 
 @pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
@@ -349,6 +345,24 @@ def test_math_renders_from_the_vendored_mathjax(browser, edition):
     assert visit.page.locator("mjx-container").count() > 10
     visit.settle()
     assert not visit.external() and not visit.problems, visit.external() + visit.problems
+
+
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
+def test_every_widget_module_finds_its_fonts_in_the_vendored_folder(browser, edition):
+    # Each AMD module of embed-amd.js takes its fonts from the folder of the URI that require.js
+    # gives it; with only one module mapped, which @font-face a page used depended on load order
+    # (a Chinese page requested fonts at zh/chapters/@jupyter-widgets/ under two workers).
+    page_path = f"{edition}/chapters/02_differential_privacy.html".lstrip("/")
+    visit = Visit(browser, page_path)
+    source = (ROOT / "book/assets/static/vendor/embed-amd.js").read_text()
+    modules = sorted(set(re.findall(r'define\("(@jupyter-widgets/[^"]+)"', source)))
+    assert len(modules) >= 6, modules
+    urls = visit.page.evaluate(
+        "ids => ids.map(id => requirejs.s.contexts._.nameToUrl(id))", modules)
+    vendor = (HTML / edition / "_static" / "vendor").as_uri() + "/"
+    folders = {m: u[:u.rindex("/") + 1] for m, u in zip(modules, urls, strict=True)}
+    assert all(f == vendor for f in folders.values()), (vendor, folders)
+    visit.page.close()
 
 
 # ---------------------------------------------------------------------------------------------

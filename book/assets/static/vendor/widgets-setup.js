@@ -3,14 +3,20 @@
 (function () {
   "use strict";
 
-  // 1. Fonts. @jupyter-widgets/html-manager finds its font files (the *.woff2/woff/ttf/eot/svg
-  // beside this file) relative to the URI that require.js gives its AMD module
-  // "@jupyter-widgets/html-manager/dist/libembed-amd"; unmapped, that is a folder next to each
-  // page that does not exist, and every page with widgets requested four missing fonts.
+  // 1. Fonts. Each AMD module in embed-amd.js ("@jupyter-widgets/base", ".../controls",
+  // ".../base7", ".../controls7", ".../html-manager", ".../html-manager/dist/libembed-amd") finds
+  // its font files (the *.woff2/woff/ttf/eot/svg beside this file) in the folder of the URI that
+  // require.js gives the module, and injects its CSS before it reads
+  // __jupyter_widgets_assets_path__. Unmapped, that folder is "@jupyter-widgets/" next to the
+  // page, which does not exist; which module's @font-face the browser used depended on load
+  // order, so a page requested missing fonts only sometimes. Map every module to this folder
+  // (require.js takes the longest matching prefix, so both entries are needed).
   var src = document.currentScript.src.split("?")[0];
   var folder = src.slice(0, src.lastIndexOf("/"));
   window.__jupyter_widgets_assets_path__ = folder + "/";
-  require.config({ paths: { "@jupyter-widgets/html-manager/dist": folder } });
+  require.config({
+    paths: { "@jupyter-widgets": folder, "@jupyter-widgets/html-manager/dist": folder },
+  });
 
   // 2. Math in widget labels. @jupyter-widgets/controls typesets a description with the MathJax 2
   // call `MathJax.Hub.Queue(["Typeset", MathJax.Hub, element])` whenever window.MathJax exists;
