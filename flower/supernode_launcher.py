@@ -7,9 +7,9 @@ SuperExec's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and it checks for the Client
 (``pull_objects``). A round's messages therefore wait seconds on loopback, where every transfer
 takes milliseconds. This launcher gives that module a clock whose ``sleep`` waits at most
 ``--idle-poll`` seconds and starts the object-pull retries at 0.05 s
-(:func:`shorten_pull_backoff`), then starts Flower's own ``flower-supernode`` entry point with
-the remaining arguments. Nothing else changes; :func:`check_patch_point` fails loudly if a Flower
-upgrade moves the waits.
+(``privrec_flower.backoff.set_pull_backoff``, a module that imports nothing heavy), then starts
+Flower's own ``flower-supernode`` entry point with the remaining arguments. Nothing else changes;
+:func:`check_patch_point` fails loudly if a Flower upgrade moves the waits.
 
 Usage (from ``.venv-flower``): ``python flower/supernode_launcher.py --idle-poll 0.1 -- <the
 flower-supernode arguments>``.
@@ -47,20 +47,6 @@ def check_patch_point(module) -> None:
                            "review flower/supernode_launcher.py for this Flower version")
 
 
-def shorten_pull_backoff(seconds: float = 0.05) -> None:
-    """Start Flower's object-pull retries at ``seconds`` in this process (default 1 s)."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for function in (inflatable_utils.pull_objects,
-                     inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = function.__kwdefaults__ or {}
-        if not {"initial_backoff", "backoff_cap"} <= set(defaults):
-            raise RuntimeError(f"flwr's {function.__name__} has no initial_backoff: review "
-                               "flower/supernode_launcher.py for this Flower version")
-        defaults["initial_backoff"] = float(seconds)
-        defaults["backoff_cap"] = 4 * float(seconds)        # Flower: 10 s
-
-
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[0] != "--idle-poll" or argv[2] != "--":
         raise SystemExit("usage: supernode_launcher.py --idle-poll SECONDS -- ARGS...")
@@ -70,9 +56,11 @@ def main(argv: list[str]) -> None:
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from privrec_flower.backoff import set_pull_backoff
+
     check_patch_point(loop)
     loop.time = ShortClock(longest)
-    shorten_pull_backoff()
+    set_pull_backoff(0.05)
     sys.argv = ["flower-supernode", *argv[3:]]
     flower_supernode()
 

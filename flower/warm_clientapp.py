@@ -52,12 +52,12 @@ def _warm_up(preload: tuple[str, ...] = ()) -> None:
         load_lora()
     import torch
 
-    from supernode_launcher import shorten_pull_backoff
+    from privrec_flower.backoff import set_pull_backoff
 
     torch.set_num_threads(1)
     # The SuperNode may still be downloading the message when a ClientApp starts this early:
     # retry its objects after 0.05 s, not Flower's 1 s.
-    shorten_pull_backoff(0.05)
+    set_pull_backoff(0.05)
 
 
 def _client(address: str, certificates: bytes | None):

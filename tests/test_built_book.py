@@ -365,6 +365,47 @@ def test_every_widget_module_finds_its_fonts_in_the_vendored_folder(browser, edi
     visit.page.close()
 
 
+@pytest.mark.parametrize("edition", _grouped(EDITIONS, lambda e: f"edition {e}"))
+def test_wrapped_library_source_keeps_its_indentation(browser, edition):
+    # show_source listings wrap inside the column; a continuation starts under the line's own
+    # indentation plus four columns, never at the left edge (privrec-pages.js, hangingIndent).
+    visit = Visit(browser, f"{edition}/chapters/11_deployment.html".lstrip("/"))
+    report = visit.page.evaluate("""() => {
+        const pres = document.querySelectorAll(
+            'div.cell_output .output.text_html .highlight pre');
+        let wrapped = 0, unsplit = 0;
+        const bad = [];
+        for (const pre of pres) {
+            const lines = pre.querySelectorAll('span.privrec-line');
+            if (!lines.length) { unsplit += 1; continue; }
+            const probe = document.createElement('span');
+            probe.textContent = '0'.repeat(10);
+            lines[0].append(probe);
+            const ch = probe.getBoundingClientRect().width / 10;
+            probe.remove();
+            for (const line of lines) {
+                const range = document.createRange();
+                range.selectNodeContents(line);
+                const rects = Array.from(range.getClientRects()).filter(r => r.width > 0);
+                const top = Math.min(...rects.map(r => r.top));
+                const later = rects.filter(r => r.top > top + 2);
+                if (!later.length) continue;
+                wrapped += 1;
+                const text = line.textContent;
+                const hang = text.length - text.trimStart().length + 4;
+                const left = Math.min(...later.map(r => r.left));
+                const base = line.getBoundingClientRect().left;
+                if (left < base + hang * ch - 1) bad.push(text.trim().slice(0, 50));
+            }
+        }
+        return {listings: pres.length, unsplit, wrapped, bad};
+    }""")
+    visit.page.close()
+    assert report["listings"] >= 3 and report["unsplit"] == 0, report
+    assert report["wrapped"] >= 3, report  # the page has long lines: the check ran
+    assert not report["bad"], report
+
+
 # ---------------------------------------------------------------------------------------------
 # Navigation on a phone (390 px), a small laptop (900 px) and a desktop (1280 px)
 # ---------------------------------------------------------------------------------------------

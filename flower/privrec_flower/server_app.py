@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privrec.federated.engine import federated_round
 from privrec.federated.updates import ClientUpdates
+from privrec_flower.backoff import set_pull_backoff
 from privrec_flower.lora import cohort_record, decode_cohort
 from privrec_flower.secure import as_equal_shares, secure_sum
 from privrec_flower.task import (
@@ -41,7 +42,7 @@ from privrec_flower.task import (
     record_bytes,
 )
 from privrec_flower.timing import STAMPS, breakdown
-from privrec_flower.transport import exchange, set_pull_backoff
+from privrec_flower.transport import exchange
 
 
 def discover(grid: Grid, cfg: RunConfig) -> dict[int, int]:

@@ -39,30 +39,6 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float,
     return replies, len(waiting), got_at
 
 
-def set_pull_backoff(seconds: float) -> None:
-    """Retry an object that is not uploaded yet after ``seconds``, doubling up to four times that,
-    in this process (``seconds=1`` keeps Flower's own defaults: 1 s doubling up to 10 s).
-
-    Flower 1.42 pulls a message's objects with ``pull_objects`` (directly, or through
-    ``pull_and_inflate_object_from_tree``), whose first retry waits 1 s (then 2, 4, ... up to
-    10 s): a reply pulled while its sender is still uploading costs the round a whole second
-    although the upload takes milliseconds on loopback. This sets both functions' default, in
-    this process only; it fails loudly if a Flower upgrade renames them.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for function in (inflatable_utils.pull_objects,
-                     inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = function.__kwdefaults__ or {}
-        if not {"initial_backoff", "backoff_cap"} <= set(defaults):
-            raise RuntimeError(f"flwr's {function.__name__} has no initial_backoff: review "
-                               "privrec_flower.transport.set_pull_backoff")
-        if float(seconds) == 1.0:
-            continue
-        defaults["initial_backoff"] = float(seconds)
-        defaults["backoff_cap"] = 4 * float(seconds)        # Flower: 10 s
-
-
 class RecordingGrid:
     """The ``send_and_receive`` of a Grid through :func:`exchange`, one record per call.
 

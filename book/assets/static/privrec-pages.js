@@ -57,10 +57,44 @@
     Search.privrecPlainMath = true;
   }
 
+  // 3. Library source shown in outputs (privrec.course.book.show_source) wraps inside the column
+  // (privrec-pages.css); a wrapped line continued at the column's left edge and read as code
+  // without indentation. Each source line becomes a block with a hanging indent: its own
+  // indentation plus four columns. Pygments' spans are flat (text only), so each is split at its
+  // newlines into one copy per line.
+  function hangingIndent() {
+    const selector = "div.cell_output .output.text_html .highlight pre";
+    for (const pre of document.querySelectorAll(selector)) {
+      if (pre.querySelector(".privrec-line")) continue;
+      const lines = [[]];
+      for (const node of Array.from(pre.childNodes)) {
+        node.textContent.split("\n").forEach((piece, k) => {
+          if (k > 0) lines.push([]);
+          if (!piece) return;
+          const copy = node.nodeType === Node.ELEMENT_NODE ? node.cloneNode(false) : null;
+          if (copy) copy.textContent = piece;
+          lines[lines.length - 1].push(copy || document.createTextNode(piece));
+        });
+      }
+      if (lines.length > 1 && lines[lines.length - 1].length === 0) lines.pop();
+      pre.replaceChildren(...lines.map((nodes) => {
+        const line = document.createElement("span");
+        const text = nodes.map((n) => n.textContent).join("");
+        const hang = text.length - text.trimStart().length + 4;
+        line.className = "privrec-line";
+        line.style.paddingLeft = `${hang}ch`;
+        line.style.textIndent = `-${hang}ch`;
+        line.append(...(nodes.length ? nodes : [document.createTextNode(" ")]));
+        return line;
+      }));
+    }
+  }
+
   function setup() {
     forward(".primary-toggle");
     forward(".secondary-toggle");
     plainMathSearch();
+    hangingIndent();
   }
   window.privrecTexToText = texToText;
   if (document.readyState === "loading") {
