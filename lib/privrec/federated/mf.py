@@ -11,6 +11,9 @@ FedRec's defence (fake items with pseudo-ratings, Lin et al. 2020) is here, an o
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 
 from ..core.checks import (
     choice,
+    function,
     in_range,
     instance,
     int_in,
@@ -38,7 +42,6 @@ from .mf_local import (
     compact_ids,
     rating_arrays,
     solve_users,
-    train_groups,
     train_loop,
     train_vectorised,
 )
@@ -46,7 +49,11 @@ from .partitions import Partition, partition_or_default
 from .updates import ClientUpdates
 
 __all__ = ["FederatedMF", "BiasOnlyClients", "PUBLIC_GLOBAL_MEAN", "initial_parameters",
-           "initial_shared_state", "sample_fake_items", "add_fake_items"]
+           "initial_shared_state", "sample_fake_items", "add_fake_items", "train_groups",
+           "RecentBatches", "KEPT_BATCHES"]
+
+#: How many recently gathered batches a :class:`FederatedMF` keeps for reuse.
+KEPT_BATCHES = 8
 
 #: The server's initial global bias: the middle of the 1-5 star scale, a public constant (the
 #: training mean would be a statistic of the private data, released by the first broadcast).
@@ -75,6 +82,43 @@ def initial_shared_state(*, n_users: int, n_items: int, dim: int, seed: int = 0,
     init = initial_parameters(n_users=n_users, n_items=n_items, dim=dim, seed=seed,
                               global_mean=global_mean, init_std=init_std)
     return {name: getattr(init, name).detach().clone() for name in BiasedMF.shared_parameter_names}
+
+
+def train_groups(train: Callable[[torch.Tensor], ClientUpdates],
+                 groups: list[torch.Tensor]) -> ClientUpdates:
+    """``train`` each group of clients on its own thread, the uploads concatenated in group
+    order -- devices training in parallel. Exactly the numbers of one call on all the clients
+    when no client's training depends on another's. (torch ops release the GIL; leave torch's
+    own intra-op threads at one, the groups are the parallelism.)"""
+    function("train", train)
+    if not instance("groups", groups, list):
+        raise ValueError("groups must not be empty")
+    if len(groups) == 1:
+        return train(groups[0])
+    with ThreadPoolExecutor(len(groups)) as pool:
+        return ClientUpdates.concat(list(pool.map(train, groups)))
+
+
+class RecentBatches:
+    """A :class:`~privrec.federated.mf_local.RatingStore`'s batches of the last
+    :data:`KEPT_BATCHES` client sets gathered: the same (read-only) batch for the same clients, so
+    its derived index structures (:meth:`Batch.derived`) serve every round of a run whose cohort
+    does not change. Safe across threads."""
+
+    def __init__(self, store: RatingStore) -> None:
+        self.store, self.batches, self._lock = store, {}, threading.Lock()
+
+    def __call__(self, clients: torch.Tensor) -> Batch:
+        key = clients.numpy().tobytes()
+        with self._lock:
+            batch = self.batches.pop(key, None)
+        if batch is None:
+            batch = self.store.gather(clients)
+        with self._lock:
+            self.batches[key] = batch
+            while len(self.batches) > KEPT_BATCHES:
+                del self.batches[next(iter(self.batches))]
+        return batch
 
 
 class FederatedMF:
@@ -177,6 +221,7 @@ class FederatedMF:
         self.owner = torch.as_tensor(self.partition.client_of_user)
         self.fake_generator = torch.Generator().manual_seed(self.seed)
         self.item_table = BroadcastTable()  # the user solve's float64 item inputs, per broadcast
+        self._gathered = RecentBatches(self.store)
         #: The public configuration of the round-0 model (:func:`initial_shared_state`).
         self.initial_config = {"n_users": self.n_users, "n_items": self.n_items, "dim": self.dim,
                                "seed": self.seed, "global_mean": global_mean, "init_std": init_std}
@@ -211,7 +256,7 @@ class FederatedMF:
         return train_groups(partial(self._train, shared), groups or [clients])
 
     def _train(self, shared: dict[str, torch.Tensor], clients: torch.Tensor) -> ClientUpdates:
-        batch = self.store.gather(clients)
+        batch = self._gathered(clients)
         if self.fake_items > 0:
             batch = add_fake_items(self, shared, batch)
         engine = train_vectorised if self.engine == "vectorised" else train_loop
@@ -229,7 +274,7 @@ class FederatedMF:
         if self.user_solver != "closed_form":
             return
         for chunk in self.store.chunks(torch.arange(self.n_clients), max_ratings):
-            solve_users(self, shared, self.store.gather(chunk))
+            solve_users(self, shared, self._gathered(chunk))
 
     def released_model(self, shared: dict[str, torch.Tensor]) -> BiasedMF:
         """A :class:`BiasedMF` of ``shared`` and every user's row after :meth:`personalise` -- a

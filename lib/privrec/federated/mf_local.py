@@ -20,31 +20,40 @@ Jacobi preconditioner), so one learning rate suits a row seen once and a row see
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..core.checks import function, instance, int_in, positive, real_array, tensor_dict
+from ..core.checks import instance, int_in, positive, real_array, tensor_dict
 from ..recsys.models import as_index_tensor
-from .updates import ClientUpdates, RowUpdates
+from .updates import ClientUpdates, RowUpdates, as_float64
 
 __all__ = ["RatingStore", "rating_arrays", "Batch", "compact_ids", "BUCKET_GROWTH", "item_table",
            "BroadcastTable", "user_normal_equations", "solve_user_ridge", "solve_users",
-           "train_vectorised", "train_groups", "train_loop"]
+           "train_vectorised", "train_loop"]
 
 
 @dataclass
 class Batch:
-    """The ratings of some clients (real ratings, then any fake ones)."""
+    """The ratings of some clients (real ratings, then any fake ones); read-only. ``memo`` keeps
+    index structures derived from it (:meth:`derived`): a batch trained again (the same clients
+    in every round of a full cohort: FederatedMF keeps its last batches) reuses them."""
 
     users: torch.Tensor
     items: torch.Tensor
     ratings: torch.Tensor
     clients: torch.Tensor      # client of each rating
     is_fake: torch.Tensor      # bool: FedRec fake-item rows
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, key: str, build: Callable[[], object]) -> object:
+        """``build()``, computed once per batch under ``key``."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
 
 
 def compact_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,40 +167,69 @@ class BroadcastTable:
         return entry[2]
 
 
-def user_normal_equations(rows: torch.Tensor, items: torch.Tensor, target: torch.Tensor, *,
-                          n_rows: int, table: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, gram, rhs)`` of the ratings ``(rows, items, target)`` sorted by row, ``table``
-    the :func:`item_table`: ``gram[k]`` is :math:`\\sum_{i\\in R_u} x_ix_i^\\top` and ``rhs[k]``
-    is :math:`\\sum_{i\\in R_u} t_{ui}x_i` for row ``u = order[k]``.
+#: The layout of a closed-form user solve, fixed by its ratings' rows and items (:func:`ridge_plan`,
+#: built once per batch): ``sort`` puts the ratings in row order (None: they are), ``items`` in that
+#: order; ``order`` lists the rows bucket by bucket (rows of similar rating counts, padded with the
+#: table's zero row), ``counts`` their ``[n_rows, 1]`` float64 counts (at least 1), ``buckets``
+#: each bucket's ``[rows, length]`` item-table rows and target positions (padding: the last).
+RidgePlan = namedtuple("RidgePlan", "n_rows sort items order counts buckets")
 
-    Rows with similar rating counts share a bucket (``order`` lists the rows bucket by bucket),
-    padded to a common length with the zero row, and each bucket is one batched matrix product of
-    the inputs with the target in the free slot, :math:`[x_i, t_{ui}]`, whose last column is the
-    right-hand side -- a dense kernel, where a sparse product with a table of per-item outer
-    products would read :math:`D^2` numbers per rating.
-    """
+
+def ridge_plan(rows: torch.Tensor, items: torch.Tensor, *, n_rows: int,
+               n_items: int) -> RidgePlan:
+    """:class:`RidgePlan` of the ratings ``(rows, items)`` (ids already checked), ``n_items`` the
+    item table's padding row."""
+    sort = None
+    if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
+        sort = torch.argsort(rows, stable=True)
+        rows, items = rows[sort], items[sort]
     counts = torch.bincount(rows, minlength=n_rows)
     start = torch.cumsum(counts, 0) - counts
-    dim = table.shape[1] - 1                                          # D = factors + bias
-    items = torch.cat([items, items.new_full((1,), len(table) - 1)])  # last: the padding row
-    target = torch.cat([target, target.new_zeros(1)])
+    padded = torch.cat([items, items.new_full((1,), n_items)])       # last: the padding row
     top = max(int(counts.max()), 1) if n_rows else 1
     edges = torch.unique(torch.ceil(BUCKET_GROWTH ** torch.arange(
         int(np.ceil(np.log(top) / np.log(BUCKET_GROWTH))) + 1, dtype=torch.float64)).long())
     bucket = torch.searchsorted(edges, counts)                       # edges[bucket] >= count
     order = torch.argsort(bucket, stable=True)
-    full = table.new_empty(n_rows, dim + 1, dim + 1)
     levels, sizes = torch.unique_consecutive(bucket[order], return_counts=True)
-    done = 0
+    buckets = []
     for level, group in zip(levels.tolist(), torch.split(order, sizes.tolist()), strict=True):
         step = torch.arange(int(edges[level]))
-        pos = torch.where(step < counts[group, None], start[group, None] + step, len(items) - 1)
-        inputs = table[items[pos]]                                   # [users, length, D + 1]
-        inputs[..., dim] = target[pos]
-        torch.bmm(inputs.transpose(1, 2), inputs, out=full[done:done + len(group)])
-        done += len(group)
-    return order, full[:, :dim, :dim], full[:, :dim, dim]
+        pos = torch.where(step < counts[group, None], start[group, None] + step, len(items))
+        buckets.append((padded[pos], pos))
+    return RidgePlan(n_rows, sort, items, order, counts.double().clamp(min=1)[order, None],
+                     buckets)
+
+
+def user_normal_equations(plan: RidgePlan, target: torch.Tensor, *,
+                          table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gram, rhs)`` of the ratings of ``plan`` with targets ``target`` (in row order),
+    ``table`` the :func:`item_table`: ``gram[k]`` is :math:`\\sum_{i\\in R_u} x_ix_i^\\top` and
+    ``rhs[k]`` is :math:`\\sum_{i\\in R_u} t_{ui}x_i` for row ``u = plan.order[k]``. Each bucket is
+    one batched product of the inputs with the target in the free slot, :math:`[x_i, t_{ui}]`
+    (a dense kernel; per-item outer products would read :math:`D^2` numbers per rating)."""
+    dim = table.shape[1] - 1                                          # D = factors + bias
+    target = torch.cat([target, target.new_zeros(1)])
+    full = table.new_empty(plan.n_rows, dim + 1, dim + 1)
+    done = 0
+    for rows, pos in plan.buckets:
+        inputs = table.index_select(0, rows.view(-1)).view(*rows.shape, dim + 1)
+        inputs[..., dim] = target.index_select(0, pos.view(-1)).view(pos.shape)
+        torch.bmm(inputs.transpose(1, 2), inputs, out=full[done:done + len(rows)])
+        done += len(rows)
+    return full[:, :dim, :dim], full[:, :dim, dim]
+
+
+def solve_planned(plan: RidgePlan, ratings: torch.Tensor, *, item_bias: torch.Tensor,
+                  global_bias: torch.Tensor, reg: float, bias_reg: float,
+                  table: torch.Tensor) -> torch.Tensor:
+    """:func:`solve_user_ridge` on ``plan`` (float64 ``ratings`` in row order; rows in order)."""
+    target = ratings - as_float64(global_bias) - as_float64(item_bias.index_select(0, plan.items))
+    gram, rhs = user_normal_equations(plan, target, table=table)
+    penalty = torch.full((table.shape[1] - 1,), float(reg), dtype=torch.double)
+    penalty[-1] = bias_reg
+    gram.diagonal(dim1=1, dim2=2).add_(plan.counts * penalty)
+    return torch.linalg.solve(gram, rhs).float()
 
 
 def solve_user_ridge(rows: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, *,
@@ -214,19 +252,12 @@ def solve_user_ridge(rows: torch.Tensor, items: torch.Tensor, ratings: torch.Ten
     if instance("ratings", ratings, torch.Tensor).shape != rows.shape or items.shape != rows.shape:
         raise ValueError("rows, items and ratings must have the same length")
     reg, bias_reg = positive("reg", reg), positive("bias_reg", bias_reg)
-    dim = item_factors.shape[1]
-    if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
-        order = torch.argsort(rows, stable=True)
-        rows, items, ratings = rows[order], items[order], ratings[order]
-    target = ratings.double() - global_bias.double() - item_bias[items].double()
-    order, gram, rhs = user_normal_equations(
-        rows, items, target, n_rows=n_rows, table=item_table(item_factors) if table is None else table)
-    penalty = torch.full((dim + 1,), float(reg), dtype=torch.double)
-    penalty[-1] = bias_reg
-    counts = torch.bincount(rows, minlength=n_rows).double().clamp(min=1)
-    gram.diagonal(dim1=1, dim2=2).add_(counts[order, None] * penalty)
-    solution = torch.empty(n_rows, dim + 1)
-    solution[order] = torch.linalg.solve(gram, rhs).float()
+    plan = ridge_plan(rows, items, n_rows=n_rows, n_items=len(item_factors))
+    ratings = ratings.double() if plan.sort is None else ratings[plan.sort].double()
+    solution = torch.empty(n_rows, item_factors.shape[1] + 1)
+    solution[plan.order] = solve_planned(
+        plan, ratings, item_bias=item_bias, global_bias=global_bias, reg=reg, bias_reg=bias_reg,
+        table=item_table(item_factors) if table is None else table)
     return solution
 
 
@@ -235,37 +266,58 @@ def _check_step_arguments(shared: object, batch: object) -> None:
     instance("batch", batch, Batch)
 
 
-def solve_users(mf, shared: dict[str, torch.Tensor], batch: Batch) -> None:
-    """Step 3a (closed form): each user of ``batch`` solves its row on its real ratings."""
-    _check_step_arguments(shared, batch)
+def _user_layout(batch: Batch, n_items: int) -> tuple[torch.Tensor, RidgePlan, torch.Tensor]:
+    """The users present in the batch's real ratings, their plan and float64 ratings in row order."""
     users, items, ratings = batch.users, batch.items, batch.ratings
     if bool(batch.is_fake.any()):
         real = ~batch.is_fake
         users, items, ratings = users[real], items[real], ratings[real]
     active, local, _ = compact_ids(users)
-    solution = solve_user_ridge(local, items, ratings, n_rows=len(active),
-                                item_factors=shared["item_factors"], item_bias=shared["item_bias"],
-                                global_bias=shared["global_bias"], reg=mf.reg,
-                                bias_reg=mf.bias_reg, table=mf.item_table(shared["item_factors"]))
-    mf.user_factors[active] = solution[:, :-1]
-    mf.user_bias[active] = solution[:, -1]
+    plan = ridge_plan(local, as_index_tensor(items, name="items", upper=n_items),
+                      n_rows=len(active), n_items=n_items)
+    return active, plan, (ratings if plan.sort is None else ratings[plan.sort]).double()
 
 
-def _pairs(batch: Batch, rating_client: torch.Tensor, n_items: int, one_per_client: bool):
-    """(client, item) pairs of a batch: ``(pair index of each rating or None, client position,
-    item and example count of each pair)``."""
-    if one_per_client:  # each rating is its own pair: per-pair sums are the identity
-        return None, rating_client, batch.items, torch.ones(len(batch.items))
-    keys, pair, n_pair = compact_ids(rating_client * n_items + batch.items)
-    return pair, keys // n_items, keys % n_items, n_pair.float()
+def solve_users(mf, shared: dict[str, torch.Tensor], batch: Batch) -> None:
+    """Step 3a (closed form): each user of ``batch`` solves its row on its real ratings."""
+    _check_step_arguments(shared, batch)
+    item_factors = shared["item_factors"]
+    n_items = len(item_factors)
+    active, plan, ratings = batch.derived(f"users/{n_items}", lambda: _user_layout(batch, n_items))
+    solution = solve_planned(plan, ratings, item_bias=shared["item_bias"],
+                             global_bias=shared["global_bias"], reg=mf.reg, bias_reg=mf.bias_reg,
+                             table=mf.item_table(item_factors))
+    rows = active[plan.order]
+    mf.user_factors[rows] = solution[:, :-1]
+    mf.user_bias[rows] = solution[:, -1]
+
+
+#: A batch's compact clients, its (client, item) pairs (``pair``: the pair of each rating, None
+#: when each rating is its own pair) and its compact users; ``unit_*``: every count is 1.
+_Layout = namedtuple("_Layout", "clients rating_client n_client pair pair_client pair_item n_pair "
+                                "active users n_user unit_pair unit_user")
+
+
+def _layout(batch: Batch, n_items: int, one_per_client: bool) -> _Layout:
+    """``_Layout`` of ``batch`` (a client of one user: each rating is its own pair)."""
+    clients, rating_client, n_client = compact_ids(batch.clients)
+    if one_per_client:
+        pair, pair_client, pair_item = None, rating_client, batch.items
+        n_pair = torch.ones(len(batch.items))
+    else:
+        keys, pair, n_pair = compact_ids(rating_client * n_items + batch.items)
+        pair_client, pair_item, n_pair = keys // n_items, keys % n_items, n_pair.float()
+    active, users, n_user = compact_ids(batch.users)
+    return _Layout(clients, rating_client, n_client.float(), pair, pair_client, pair_item, n_pair,
+                   active, users, n_user, bool((n_pair == 1).all()), bool((n_user == 1).all()))
 
 
 def _step(grad: torch.Tensor, count: torch.Tensor, value: torch.Tensor, *, lr: float,
-          reg: float) -> torch.Tensor:
+          reg: float, unit: bool) -> torch.Tensor:
     """:math:`\\eta_l(g/n + 2\\lambda\\theta)`, the preconditioned step, in one buffer (a division
-    by counts that are all 1, every cross-device pair, is skipped: it is exact)."""
+    by counts that are all 1 (``unit``), every cross-device pair, is skipped: it is exact)."""
     out = value * (2.0 * reg)
-    out += grad if bool((count == 1).all()) else grad / count.reshape(-1, *[1] * (grad.dim() - 1))
+    out += grad if unit else grad / count.reshape(-1, *[1] * (grad.dim() - 1))
     return out.mul_(lr)
 
 
@@ -274,28 +326,28 @@ def train_vectorised(mf, shared: dict[str, torch.Tensor], batch: Batch) -> Clien
     _check_step_arguments(shared, batch)
     if mf.user_solver == "closed_form":
         solve_users(mf, shared, batch)
-    clients, rating_client, n_client = compact_ids(batch.clients)
-    n_client = n_client.float()
-    pair, pair_client, pair_item, n_pair = _pairs(batch, rating_client, mf.n_items,
-                                                  mf.one_user_per_client)
+    n_items, one_per_client = mf.n_items, mf.one_user_per_client
+    at = batch.derived(f"layout/{n_items}/{one_per_client}",
+                       lambda: _layout(batch, n_items, one_per_client))
+    pair, pair_item, users, rating_client = at.pair, at.pair_item, at.users, at.rating_client
 
     def per_pair(values: torch.Tensor) -> torch.Tensor:
         return values if pair is None else torch.zeros(
             (len(pair_item),) + values.shape[1:]).index_add_(0, pair, values)
 
     def at_rating(values: torch.Tensor) -> torch.Tensor:
-        return values if pair is None else values[pair]
+        return values if pair is None else values.index_select(0, pair)
 
-    q0, b0, mu0 = shared["item_factors"][pair_item], shared["item_bias"][pair_item], \
-        shared["global_bias"]
-    q, b, mu = q0, b0, mu0.expand(len(clients)).clone()   # never changed in place
+    q0, b0, mu0 = (shared["item_factors"].index_select(0, pair_item),
+                   shared["item_bias"].index_select(0, pair_item), shared["global_bias"])
+    q, b, mu = q0, b0, mu0.expand(len(at.clients)).clone()   # never changed in place
     gradient_users = mf.user_solver == "gradient"
-    active, users, n_user = compact_ids(batch.users)
-    p, bu = mf.user_factors[active], mf.user_bias[active]   # indexing copies
+    p, bu = mf.user_factors.index_select(0, at.active), mf.user_bias.index_select(0, at.active)
     lr = mf.local_lr
     for _ in range(mf.local_epochs):
-        p_r, bu_r, q_r = p[users], bu[users], at_rating(q)
-        err = batch.ratings - (mu[rating_client] + bu_r + at_rating(b) + (p_r * q_r).sum(1))
+        p_r, bu_r, q_r = p.index_select(0, users), bu.index_select(0, users), at_rating(q)
+        err = batch.ratings - (mu.index_select(0, rating_client) + bu_r + at_rating(b)
+                               + (p_r * q_r).sum(1))
         minus_2err = -2.0 * err
         grad_q = per_pair(p_r * minus_2err[:, None])
         grad_b = per_pair(minus_2err)
@@ -303,32 +355,17 @@ def train_vectorised(mf, shared: dict[str, torch.Tensor], batch: Batch) -> Clien
         if gradient_users:
             grad_p = torch.zeros_like(p).index_add_(0, users, q_r * minus_2err[:, None])
             grad_bu = torch.zeros_like(bu).index_add_(0, users, minus_2err)
-            p = p - _step(grad_p, n_user, p, lr=lr, reg=mf.reg)
-            bu = bu - _step(grad_bu, n_user, bu, lr=lr, reg=mf.bias_reg)
-        q = q - _step(grad_q, n_pair, q, lr=lr, reg=mf.reg)
-        b = b - _step(grad_b, n_pair, b, lr=lr, reg=mf.bias_reg)
-        mu = mu - lr * grad_mu / n_client
+            p = p - _step(grad_p, at.n_user, p, lr=lr, reg=mf.reg, unit=at.unit_user)
+            bu = bu - _step(grad_bu, at.n_user, bu, lr=lr, reg=mf.bias_reg, unit=at.unit_user)
+        q = q - _step(grad_q, at.n_pair, q, lr=lr, reg=mf.reg, unit=at.unit_pair)
+        b = b - _step(grad_b, at.n_pair, b, lr=lr, reg=mf.bias_reg, unit=at.unit_pair)
+        mu = mu - lr * grad_mu / at.n_client
     if gradient_users:
-        mf.user_factors[active], mf.user_bias[active] = p, bu
-    return ClientUpdates(clients, n_client,
-                         {"item_factors": RowUpdates(pair_client, pair_item, q.sub_(q0), n_pair),
-                          "item_bias": RowUpdates(pair_client, pair_item, b.sub_(b0), n_pair)},
-                         {"global_bias": mu - mu0})
-
-
-def train_groups(train: Callable[[torch.Tensor], ClientUpdates],
-                 groups: list[torch.Tensor]) -> ClientUpdates:
-    """``train`` each group of clients on its own thread, the uploads concatenated in group
-    order -- devices training in parallel. Exactly the numbers of one call on all the clients
-    when no client's training depends on another's. (torch ops release the GIL; leave torch's
-    own intra-op threads at one, the groups are the parallelism.)"""
-    function("train", train)
-    if not instance("groups", groups, list):
-        raise ValueError("groups must not be empty")
-    if len(groups) == 1:
-        return train(groups[0])
-    with ThreadPoolExecutor(len(groups)) as pool:
-        return ClientUpdates.concat(list(pool.map(train, groups)))
+        mf.user_factors[at.active], mf.user_bias[at.active] = p, bu
+    return ClientUpdates(at.clients, at.n_client, {
+        "item_factors": RowUpdates(at.pair_client, pair_item, q.sub_(q0), at.n_pair),
+        "item_bias": RowUpdates(at.pair_client, pair_item, b.sub_(b0), at.n_pair)},
+        {"global_bias": mu - mu0})
 
 
 def _one_client_loop(mf, shared: dict[str, torch.Tensor], users, items, ratings):

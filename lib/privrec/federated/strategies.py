@@ -68,9 +68,14 @@ def add_weighted(sums: dict[str, torch.Tensor], updates: ClientUpdates,
     tensor_dict("sums", sums)
     instance("updates", updates, ClientUpdates)
     instance("client_weight", client_weight, torch.Tensor)
+    weights: dict[int, tuple[torch.Tensor, bool]] = {}  # per pairs tensor, shared by tables
     for name, part in updates.rows.items():
-        weight = part.examples if per_row else client_weight[part.client_pos]
-        if bool((weight == 1).all()):  # every pair of a cross-device round: exact, one pass less
+        key = id(part.examples if per_row else part.client_pos)
+        if key not in weights:
+            weight = part.examples if per_row else client_weight.index_select(0, part.client_pos)
+            weights[key] = weight, bool((weight == 1).all())
+        weight, unit = weights[key]
+        if unit:  # every pair of a cross-device round: exact, one pass less
             sums[name].index_add_(0, part.row, part.values)
         else:
             sums[name].index_add_(0, part.row, part.values * _like(weight, part.values))

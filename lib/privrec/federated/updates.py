@@ -17,11 +17,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..core.checks import instance
 
-__all__ = ["RowUpdates", "ClientUpdates"]
+__all__ = ["RowUpdates", "ClientUpdates", "as_float64"]
+
+
+def _via_numpy(values: torch.Tensor) -> bool:
+    return (values.dtype == torch.float32 and values.device.type == "cpu"
+            and values.is_contiguous() and not values.requires_grad)
+
+
+def as_float64(values: torch.Tensor) -> torch.Tensor:
+    """``values.double()``, the same numbers (the conversion is exact); a contiguous float32 CPU
+    tensor goes through NumPy, whose conversion is vectorised where torch's baseline kernels
+    (``ATEN_CPU_CAPABILITY=default``) convert one element at a time."""
+    return torch.from_numpy(values.numpy().astype(np.float64)) if _via_numpy(values) \
+        else values.double()
+
+
+def _squares64(values: torch.Tensor) -> torch.Tensor:
+    """``values.double().square()``: exact float64 products (IEEE, so NumPy's are the same
+    numbers as torch's; NumPy's are vectorised for a contiguous float32 CPU tensor)."""
+    if not _via_numpy(values):
+        return values.double().square()
+    flat = values.numpy().astype(np.float64)
+    return torch.from_numpy(np.multiply(flat, flat, out=flat))
 
 
 @dataclass
@@ -72,10 +95,10 @@ class ClientUpdates:
         """``[m]`` L2 norm of each client's whole change (all tables and dense parts)."""
         squares = torch.zeros(len(self.clients), dtype=torch.float64)
         for part in self.rows.values():
-            flat = part.values.reshape(len(part.row), -1).double()
-            squares.index_add_(0, part.client_pos, flat.square().sum(1))
+            flat = part.values.reshape(len(part.row), -1)
+            squares.index_add_(0, part.client_pos, _squares64(flat).sum(1))
         for value in self.dense.values():
-            squares += value.reshape(len(self.clients), -1).double().square().sum(1)
+            squares += _squares64(value.reshape(len(self.clients), -1)).sum(1)
         return squares.sqrt().float()
 
     def scaled(self, factor: torch.Tensor) -> ClientUpdates:
