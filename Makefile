@@ -31,6 +31,12 @@ export NPY_DISABLE_CPU_FEATURES := X86_V3 X86_V4 AVX512_ICL AVX512_SPR
 export MKL_CBWR := COMPATIBLE
 # - OpenBLAS (numpy's and scipy's matmul): the SSE4.2 (= numpy's X86_V2 baseline) kernels.
 export OPENBLAS_CORETYPE := Nehalem
+# Speed, not numbers: glibc keeps freed memory for reuse (up to 1 GiB, grown 256 MiB at a time,
+# blocks under 32 MiB from the heap) instead of returning each 10-45 MB training buffer to the
+# kernel and faulting fresh zeroed pages in at the next step (chapter 8: 29 s of kernel time ->
+# 3 s). torch aligns every buffer to 64 bytes wherever it lives, so no result changes
+# (tests/test_transformer_speed.py runs one with and without it).
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=268435456
 
 .PHONY: all setup lock test unit nbval book book-zh check-book execute lint bench bench-dpsgd bench-accountant bench-fedavg bench-scaling clean \
 	flower-setup flower-test flower-demo

@@ -125,9 +125,16 @@ def continuation_log_likelihood(model: SASRec, prefix: object, continuations: ob
         part = cont[s:s + batch_size]
         full = torch.cat([prefix.expand(len(part), p), part], 1) + 1   # model ids
         hidden = model(full[:, :-1])[:, p - 1:]                          # states that predict c
-        logp = torch.log_softmax(model.logits(hidden).double(), -1)
+        logp = torch.log_softmax(_as_double(model.logits(hidden)), -1)
         out.append(logp.gather(-1, part[..., None]).squeeze(-1).sum(1))
     return torch.cat(out).numpy()
+
+
+def _as_double(values: torch.Tensor) -> torch.Tensor:
+    """``values.double()`` (float32 to float64 is exact: the same numbers), converted by NumPy,
+    which is vectorised where torch's baseline kernels (``ATEN_CPU_CAPABILITY=default``) convert
+    one element at a time; a C-contiguous result, as ``double()`` gives. No gradient flows."""
+    return torch.from_numpy(values.detach().numpy().astype(np.float64, order="C"))
 
 
 def exposure_from_rank(rank: float, space_size: float) -> float:
