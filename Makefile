@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard chapters/*.ipynb))
 # nbval hands whole chapters to its workers in this order: the slowest first, so the two cores end
 # together (per-chapter cold times: the table CI prints). Both cores unless NBVAL_WORKERS says so.
-SLOW_FIRST := $(foreach n,03_private_training 05_user_level_privacy 08_transformer_recommender \
-	07_private_fine_tuning 06_large_model_recommenders 04_federated_recommendation \
+SLOW_FIRST := $(foreach n,08_transformer_recommender 06_large_model_recommenders \
+	07_private_fine_tuning 05_user_level_privacy 04_federated_recommendation 03_private_training \
 	01_embedding_recommenders 09_attacks_as_measurements,$(filter chapters/$(n).ipynb,$(NOTEBOOKS)))
 NBVAL_ORDER := $(SLOW_FIRST) $(filter-out $(SLOW_FIRST),$(NOTEBOOKS))
 NBVAL_WORKERS ?= 2

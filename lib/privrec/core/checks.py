@@ -13,7 +13,7 @@ import numpy as np
 __all__ = ["real", "positive", "non_negative", "int_in", "in_range", "choice", "seed",
            "check_epsilon", "epsilon_or_inf", "check_delta", "check_sample_rate", "check_steps",
            "check_orders", "text", "flag", "member", "instance", "path_like", "real_array",
-           "id_array", "function", "conforms", "tensor_dict"]
+           "id_array", "function", "conforms", "tensor_dict", "untied"]
 
 _REAL_TYPES = (int, float, np.integer, np.floating)
 
@@ -156,6 +156,19 @@ def instance(name: str, value: object, kind: type | tuple[type, ...]) -> object:
         allowed = " or ".join(k.__name__ for k in kinds)
         raise TypeError(f"{name} must be a {allowed}, got {type(value).__name__}")
     return value
+
+
+def untied(name: str, module: object) -> object:
+    """``module`` (a torch ``nn.Module``) if none of its parameters is registered under two names
+    (tied weights); ``ValueError`` naming both otherwise. Code that calls
+    ``torch.func.functional_call(..., tie_weights=False)`` on it relies on this."""
+    seen: dict[int, str] = {}
+    for param_name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            raise ValueError(f"{name} must not tie parameters: {seen[id(param)]!r} and "
+                             f"{param_name!r} are one tensor")
+        seen[id(param)] = param_name
+    return module
 
 
 def path_like(name: str, value: object) -> Path:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.checks import int_in, non_negative, positive, tensor_dict
+from ..core.checks import int_in, non_negative, positive, tensor_dict, untied
 from ..core.checks import seed as check_seed
 from ..recsys.data import validate_ratings
 from ..recsys.metrics import evaluate_ranking
@@ -79,7 +79,9 @@ class ImplicitClients:
         counts = self.counts[clients, None]
         offsets = (torch.rand(len(clients), self.local_batch, generator=self.generator)
                    * counts).long().minimum(counts - 1)
-        positives = self.items_by_user[self.starts[clients, None] + offsets]
+        # index_select: the same gather as advanced indexing, without its overhead
+        positives = self.items_by_user.index_select(
+            0, (self.starts[clients, None] + offsets).reshape(-1)).reshape(offsets.shape)
         return implicit_batch(positives, self.pool, n_negatives=self.n_negatives,
                               generator=self.generator)
 
@@ -103,8 +105,8 @@ class ImplicitClients:
         pairs = (position[:, None] * n_items + touched).reshape(-1)
         pairs, uses = torch.unique(pairs, return_counts=True)  # sorted by (client, row)
         client_pos, row = pairs // n_items, pairs % n_items
-        rows = {n: RowUpdates(client_pos, row, changes[n][client_pos, row], uses.float())
-                for n in self.tables}
+        rows = {n: RowUpdates(client_pos, row, changes[n].flatten(0, 1).index_select(0, pairs),
+                              uses.float()) for n in self.tables}  # row client_pos*n_items+row
         dense = {n: changes[n] for n in self.shared_names if n not in self.tables}
         examples = torch.where(self.counts[clients] > 0, float(self.examples_per_client), 0.0)
         return ClientUpdates(clients, examples, rows, dense)
@@ -152,12 +154,14 @@ class FederatedImplicit(ImplicitClients):
                          n_negatives=n_negatives, client_lr=client_lr, user_lr=user_lr, reg=reg,
                          negative_items=negative_items, personalise_steps=personalise_steps,
                          seed=seed)
-        wrapper = _Unchecked(model)
+        wrapper = _Unchecked(untied("model", model))  # functional_call below skips untying
 
         def loss(shared, user, items, labels):
             params = {f"model.{n}": v for n, v in (shared | user).items()}
             users = torch.zeros(items.shape[-1], dtype=torch.long)
-            logits = torch.func.functional_call(wrapper, params, (users, items))
+            # tie_weights=False: the model ties no weights, so the untying pass is skipped
+            logits = torch.func.functional_call(wrapper, params, (users, items),
+                                                tie_weights=False)
             penalty = sum(v.square().sum() for v in user.values())
             return nn.functional.binary_cross_entropy_with_logits(logits, labels) + reg * penalty
 
@@ -191,12 +195,13 @@ class FederatedImplicit(ImplicitClients):
         return [torch.as_tensor(clients)] if len(clients) else []
 
     def _user_rows(self, clients: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: getattr(self.model, n).detach()[clients][:, None] for n in self.user_names}
+        return {n: getattr(self.model, n).detach().index_select(0, clients)[:, None]
+                for n in self.user_names}
 
     def _store_user_rows(self, clients: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n in self.user_names:
-                getattr(self.model, n)[clients] = rows[n][:, 0]
+                getattr(self.model, n).index_copy_(0, clients, rows[n][:, 0])  # distinct ids
 
     @torch.no_grad()  # torch.func.grad still differentiates; nothing else builds a graph
     def local_training(self, shared: dict[str, torch.Tensor],
