@@ -171,7 +171,9 @@ def _report(browser, page_path: str) -> dict:
     visit = Visit(browser, page_path).settle()
     report = visit.page.evaluate(INSPECT_JS, TEX.pattern)  # also marks the Explore sections
     report["problems"] = visit.problems + [f"network request: {u}" for u in visit.external()]
-    # Last, since it changes the page: move every control of every Explore figure (same visit).
+    # Then the same page on a phone, and last, since it changes the page, every control of every
+    # Explore figure moved: one visit per page for all of these checks.
+    report["phone"] = _on_a_phone(visit)
     report["controls"] = _move_every_control(visit, page_path)
     visit.page.close()
     return report
@@ -270,29 +272,39 @@ def test_no_inert_ipywidget_in_the_page(browser, page_path):
     assert widgets == 0, f"{page_path}: {widgets} ipywidget view(s) in the page; tag the cell remove-cell"
 
 
+PHONE = {"width": 390, "height": 800}
+PHONE_JS = """() => {
+    const W = document.documentElement.clientWidth, out = [];
+    for (const el of document.querySelectorAll('article *')) {
+        const r = el.getBoundingClientRect();
+        if (r.right <= W + 1 || !el.getClientRects().length) continue;
+        let clipped = false;  // inside a box that scrolls or clips: the page does not move
+        for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+            if (getComputedStyle(a).overflowX !== 'visible') { clipped = true; break; }
+        }
+        if (!clipped) out.push(`${el.tagName.toLowerCase()} to ${Math.round(r.right)} px: ` +
+                               (el.textContent || '').trim().slice(0, 60));
+    }
+    return {wide: out, width: document.documentElement.scrollWidth};
+}"""
+
+
+def _on_a_phone(visit: Visit) -> dict:
+    """The page of ``visit`` narrowed to a phone's 390 px (CSS media queries and the figures'
+    scaling apply as on a phone; the menu test loads pages at 390 px from the start)."""
+    visit.page.set_viewport_size(PHONE)
+    visit.page.evaluate("() => new Promise(r => requestAnimationFrame(() => "
+                        "requestAnimationFrame(() => r(true))))")
+    return visit.page.evaluate(PHONE_JS)
+
+
 @pytest.mark.parametrize("page_path", _grouped(PAGES))
 def test_no_page_scrolls_sideways_on_a_phone(browser, page_path):
     # At 390 px everything fits the screen: figures scale down, wide outputs scroll in their own
     # box, long code and math wrap or scroll; nothing makes the whole page wider than the phone.
-    visit = Visit(browser, page_path, viewport={"width": 390, "height": 800}).settle()
-    wide = visit.page.evaluate("""() => {
-        const W = document.documentElement.clientWidth, out = [];
-        for (const el of document.querySelectorAll('article *')) {
-            const r = el.getBoundingClientRect();
-            if (r.right <= W + 1 || !el.getClientRects().length) continue;
-            let clipped = false;  // inside a box that scrolls or clips: the page does not move
-            for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
-                if (getComputedStyle(a).overflowX !== 'visible') { clipped = true; break; }
-            }
-            if (!clipped) out.push(`${el.tagName.toLowerCase()} to ${Math.round(r.right)} px: ` +
-                                   (el.textContent || '').trim().slice(0, 60));
-        }
-        return out;
-    }""")
-    width = visit.page.evaluate("() => document.documentElement.scrollWidth")
-    visit.page.close()
-    assert width <= 391 and not wide, f"{page_path}: {width} px wide at 390 px:\n  " + "\n  ".join(
-        wide[:5])
+    phone = _report(browser, page_path)["phone"]
+    assert phone["width"] <= PHONE["width"] + 1 and not phone["wide"], \
+        f"{page_path}: {phone['width']} px wide at 390 px:\n  " + "\n  ".join(phone["wide"][:5])
 
 
 # ---------------------------------------------------------------------------------------------
