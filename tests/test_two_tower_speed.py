@@ -4,14 +4,15 @@ pass."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
-from torch import nn
 
 from privrec.federated.dpfedavg import DPFedAvg
 from privrec.federated.engine import FederatedSimulator
 from privrec.federated.strategies import FedAvgM
-from privrec.federated.two_tower import FederatedImplicit, _Unchecked
+from privrec.federated.two_tower import FederatedImplicit
 from privrec.recsys.data import random_split, synthetic_movielens
 from privrec.recsys.models import BiasedMF
 from privrec.recsys.two_tower import TwoTowerRecommender, implicit_batch
@@ -22,23 +23,7 @@ EMB = torch.randn(ML.n_items, 24, generator=torch.Generator().manual_seed(2))
 
 
 class _OldClients(FederatedImplicit):
-    """The clients' gathers and functional call as they were."""
-
-    def __init__(self, model, train, **kwargs):
-        super().__init__(model, train, **kwargs)
-        wrapper, reg = _Unchecked(model), self.reg
-
-        def loss(shared, user, items, labels):
-            params = {f"model.{n}": v for n, v in (shared | user).items()}
-            users = torch.zeros(items.shape[-1], dtype=torch.long)
-            logits = torch.func.functional_call(wrapper, params, (users, items))
-            penalty = sum(v.square().sum() for v in user.values())
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels) + reg * penalty
-
-        self._grad_both = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)),
-                                          in_dims=(0, 0, 0, None))
-        self._grad_user = torch.func.vmap(torch.func.grad(loss, argnums=1),
-                                          in_dims=(None, 0, 0, None))
+    """The clients' gathers as they were (the functional call as it was: :func:`_untying_call`)."""
 
     def _draw(self, clients):
         counts = self.counts[clients, None]
@@ -70,9 +55,24 @@ def _model(kind):
     return TwoTowerRecommender(ML.n_users, EMB, 4, text_dim=8, rank=rank, item_bias=True, seed=1)
 
 
+def _untying_call(module, params, args, **kwargs):
+    """``torch.func.functional_call`` with its default untying pass, whatever the caller asks."""
+    kwargs.pop("tie_weights", None)
+    return _FUNCTIONAL_CALL(module, params, args, **kwargs)
+
+
+_FUNCTIONAL_CALL = torch.func.functional_call
+
+
 def _run(kind, old):
+    if old:  # the previous clients: their gathers, and functional calls that untie
+        with mock.patch.object(torch.func, "functional_call", _untying_call):
+            return _simulate(kind, _OldClients)
+    return _simulate(kind, FederatedImplicit)
+
+
+def _simulate(kind, cls):
     model = _model(kind)
-    cls = _OldClients if old else FederatedImplicit
     clients = cls(model, TRAIN, local_steps=2, local_batch=4, n_negatives=2, client_lr=2.0,
                   personalise_steps=3, negative_items=torch.arange(60), seed=5)
     dp = DPFedAvg(FedAvgM(server_momentum=0.5), n_clients=clients.n_clients, sample_rate=0.3,
